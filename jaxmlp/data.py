@@ -1,0 +1,177 @@
+"""Names -> vocabulary -> context windows -> the lecture's 80/10/10 split.
+
+The vocabulary rule (as in the lecture): token 0 is `.`, which pads the start of every context
+and marks the end of a name; the other tokens are the distinct characters of the names file in
+sorted order (`a`..`z` -> 1..26 for the bundled file). A names file therefore defines its own
+vocabulary; it may not contain `.` (reserved) or whitespace inside a name. Lines are stripped and
+blank lines skipped. A saved run keeps its vocabulary, so text it cannot encode is rejected.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from jaxmlp.errors import DataError
+
+END = "."  # token 0: start padding and end of name
+MAX_NAME_LENGTH = 256  # longer lines mean the file is not a list of names
+# The bundled file: beside the package in a checkout (editable install), else ./data.
+_REPO_DATA = Path(__file__).resolve().parent.parent / "data" / "names.txt"
+DEFAULT_DATA = _REPO_DATA if _REPO_DATA.exists() else Path("data") / "names.txt"
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """Character <-> token maps; `chars[0]` is always `.`."""
+
+    chars: tuple[str, ...]
+
+    @classmethod
+    def from_words(cls, words: list[str]) -> Vocab:
+        return cls((END, *sorted(set("".join(words)))))
+
+    @property
+    def size(self) -> int:
+        return len(self.chars)
+
+    @property
+    def stoi(self) -> dict[str, int]:
+        return {c: i for i, c in enumerate(self.chars)}
+
+    def encode(self, word: str) -> list[int]:
+        """'emma' -> [5, 13, 13, 1] (no end token)."""
+        stoi = self.stoi
+        missing = sorted({c for c in word if c not in stoi or c == END})
+        if missing:
+            raise DataError(
+                f"characters {''.join(missing)!r} in {word!r} are not in this vocabulary "
+                f"({''.join(self.chars[1:])!r}); use only those characters"
+            )
+        return [stoi[c] for c in word]
+
+    def decode(self, tokens) -> str:
+        """Tokens -> text, stopping at the first end token."""
+        out = []
+        for t in tokens:
+            t = int(t)
+            if t == 0:
+                break
+            out.append(self.chars[t])
+        return "".join(out)
+
+
+class Split(NamedTuple):
+    """One split's examples. X: (N, block_size) int32 contexts; Y: (N,) int32 next tokens."""
+
+    X: np.ndarray
+    Y: np.ndarray
+
+
+class Dataset(NamedTuple):
+    vocab: Vocab
+    block_size: int
+    train: Split
+    val: Split
+    test: Split
+
+    def split(self, name: str) -> Split:
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"unknown split {name!r}; use train, val or test")
+        return getattr(self, name)
+
+
+def load_words(path: str | Path = DEFAULT_DATA) -> list[str]:
+    """Read a names file: one name per line, UTF-8; raises DataError with the fix."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file {str(path)!r} does not exist; pass --data PATH to a names file")
+    if path.is_dir():
+        raise DataError(f"data path {str(path)!r} is a directory; pass --data PATH to a file")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(
+            f"cannot read data file {str(path)!r} ({e.strerror}); check its permissions"
+        ) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"data file {str(path)!r} is not UTF-8 text (byte {e.start}); save it as UTF-8"
+        ) from None
+    words = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        word = line.strip()
+        if not word:
+            continue
+        if len(word) > MAX_NAME_LENGTH:
+            raise DataError(
+                f"{path.name} line {lineno} is {len(word):,} characters long (names may have at "
+                f"most {MAX_NAME_LENGTH}); is this a file of names, one per line?"
+            )
+        bad = sorted({c for c in word if c == END or c.isspace() or not c.isprintable()})
+        if bad:
+            raise DataError(
+                f"{path.name} line {lineno} contains {''.join(bad)!r}; '.' is the end token and "
+                "names may not contain whitespace or control characters: remove them"
+            )
+        words.append(word)
+    if not words:
+        raise DataError(f"data file {str(path)!r} has no names; put one name per line")
+    return words
+
+
+def build_examples(words: list[str], vocab: Vocab, block_size: int) -> Split:
+    """Every name gives len(name)+1 examples: the `block_size` previous tokens -> next token."""
+    if block_size < 1:
+        raise DataError(f"block_size must be at least 1, got {block_size}")
+    X, Y = [], []
+    for w in words:
+        context = [0] * block_size
+        for ix in [*vocab.encode(w), 0]:
+            X.append(context)
+            Y.append(ix)
+            context = [*context[1:], ix]
+    X = np.asarray(X, dtype=np.int32).reshape(-1, block_size)
+    return Split(X, np.asarray(Y, dtype=np.int32))
+
+
+def split_words(words: list[str], seed: int = 42) -> tuple[list[str], list[str], list[str]]:
+    """The lecture's split: Python's random.seed(42) + random.shuffle, then 80/10/10 by names.
+
+    Python's `random` (not JAX's) is what makes the split identical to the PyTorch lecture's.
+    """
+    words = list(words)
+    random.seed(seed)  # the lecture seeds the global generator; we restore it afterwards
+    random.shuffle(words)
+    n1, n2 = int(0.8 * len(words)), int(0.9 * len(words))
+    return words[:n1], words[n1:n2], words[n2:]
+
+
+def load_dataset(
+    path: str | Path = DEFAULT_DATA, block_size: int = 3, vocab: Vocab | None = None
+) -> Dataset:
+    """Names file -> Dataset (182,625 / 22,655 / 22,866 examples for the bundled file)."""
+    words = load_words(path)
+    if len(words) < 10:
+        raise DataError(
+            f"data file {str(path)!r} has {len(words)} names; the 80/10/10 split needs at least 10"
+        )
+    vocab = vocab or Vocab.from_words(words)
+    state = random.getstate()
+    try:
+        tr, va, te = split_words(words)
+    finally:
+        random.setstate(state)
+    return Dataset(
+        vocab,
+        block_size,
+        build_examples(tr, vocab, block_size),
+        build_examples(va, vocab, block_size),
+        build_examples(te, vocab, block_size),
+    )

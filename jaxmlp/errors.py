@@ -1,0 +1,24 @@
+"""Exception types. Every message is one line that names the problem and the fix.
+
+The CLI prints `jaxmlp: error: <message>` for any `JaxmlpError` and exits with code 2.
+"""
+
+
+class JaxmlpError(Exception):
+    """Base class of every error jaxmlp raises on purpose."""
+
+
+class DataError(JaxmlpError, ValueError):
+    """The names file cannot be used (missing, empty, not UTF-8, bad characters, ...)."""
+
+
+class ConfigError(JaxmlpError, ValueError):
+    """A hyperparameter or option is out of range or inconsistent."""
+
+
+class RunError(JaxmlpError):
+    """A run directory or checkpoint is missing, corrupted or does not fit."""
+
+
+class DivergenceError(JaxmlpError):
+    """Training produced a non-finite loss."""

@@ -1,0 +1,157 @@
+"""Flax modules: the lecture's batch norm and its embedding MLP.
+
+Lecture names -> Flax variables of `MLP` (say it once, use the Flax names everywhere else):
+
+    C               params/embed/embedding        (vocab_size, n_embd)
+    W1, b1          params/hidden/kernel, bias     (block_size*n_embd, n_hidden), (n_hidden,)
+    bngain, bnbias  params/bn/scale, bias          (n_hidden,)
+    bnmean_running  batch_stats/bn/mean            (n_hidden,)
+    bnstd_running   batch_stats/bn/std             (n_hidden,)  ("var" for variance presets)
+    W2, b2          params/out/kernel, bias        (n_hidden, vocab_size), (vocab_size,)
+    hpreact         the hidden pre-activation, input of `bn`
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+# Full float32 matmuls on every backend: TPUs (bf16 passes) and Ampere+ GPUs (TF32) would
+# otherwise round differently from the PyTorch CPU lecture and break number-for-number checks.
+PRECISION = jax.lax.Precision.HIGHEST
+
+
+@dataclass(frozen=True)
+class BNSemantics:
+    """How a batch norm normalises and tracks its running statistic.
+
+    stat: "std" keeps a running standard deviation (the lecture by hand), "var" a variance.
+    unbiased_norm / unbiased_running: Bessel's correction for normalising / for the running stat.
+    momentum: weight of the *new* batch statistic (PyTorch's convention; Flax's own `momentum`
+        is the weight of the old value, i.e. 1 - this).
+    epsilon: added to the variance before the square root.
+    """
+
+    stat: str
+    unbiased_norm: bool
+    unbiased_running: bool
+    momentum: float
+    epsilon: float
+
+
+BN_PRESETS: dict[str, BNSemantics] = {
+    # hpreact.std(0) (unbiased), no epsilon; running std updated 0.999 old + 0.001 new.
+    "lecture": BNSemantics("std", True, True, 0.001, 0.0),
+    # The lecture's own BatchNorm1d class: x.var(0) (unbiased) everywhere, eps 1e-5, 0.9/0.1.
+    "lecture-class": BNSemantics("var", True, True, 0.1, 1e-5),
+    # torch.nn.BatchNorm1d: biased variance to normalise, unbiased into running_var.
+    "torch": BNSemantics("var", False, True, 0.1, 1e-5),
+    # flax.linen.BatchNorm defaults: biased everywhere, momentum 0.99 (old) = 0.01 (new).
+    "flax": BNSemantics("var", False, False, 0.01, 1e-5),
+}
+
+
+def scaled_normal(scale: float) -> nn.initializers.Initializer:
+    """N(0, 1) draws times `scale`: the lecture's `torch.randn(...) * scale`."""
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.normal(key, shape, dtype) * jnp.asarray(scale, dtype)
+
+    return init
+
+
+class BatchNorm1d(nn.Module):
+    """Batch norm over axis 0 of (B, features) with selectable framework semantics.
+
+    In training mode it normalises with the batch statistics and updates the running ones in
+    `batch_stats` (when that collection is mutable); in eval mode it uses the running ones.
+    `scale` is the lecture's bngain (init 1), `bias` its bnbias (init 0).
+    """
+
+    semantics: str = "lecture"
+    momentum: float | None = None  # weight of the new value; None = the preset's
+    epsilon: float | None = None  # None = the preset's
+    scale_init: nn.initializers.Initializer = nn.initializers.ones
+
+    @property
+    def spec(self) -> BNSemantics:
+        if self.semantics not in BN_PRESETS:
+            raise ValueError(
+                f"unknown batch-norm semantics {self.semantics!r}; use one of {sorted(BN_PRESETS)}"
+            )
+        return BN_PRESETS[self.semantics]
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:  # (B, F) -> (B, F)
+        spec = self.spec
+        momentum = spec.momentum if self.momentum is None else self.momentum
+        eps = spec.epsilon if self.epsilon is None else self.epsilon
+        features = x.shape[-1]
+        scale = self.param("scale", self.scale_init, (features,))
+        bias = self.param("bias", nn.initializers.zeros, (features,))
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,))
+        ra_stat = self.variable("batch_stats", spec.stat, jnp.ones, (features,))
+
+        if train:
+            n = x.shape[0]
+            mean = x.mean(0)
+            sq = jnp.square(x - mean).sum(0)  # two-pass: exact where E[x^2]-E[x]^2 cancels
+            var_norm = sq / (n - 1 if spec.unbiased_norm else n)
+            var_run = sq / (n - 1 if spec.unbiased_running else n)
+            denom = jnp.sqrt(var_norm + eps)
+            batch_stat = jnp.sqrt(var_run) if spec.stat == "std" else var_run
+            if not self.is_initializing() and self.is_mutable_collection("batch_stats"):
+                # The running statistics take no gradient (the lecture's torch.no_grad()).
+                mean_sg, stat_sg = jax.lax.stop_gradient((mean, batch_stat))
+                ra_mean.value = (1 - momentum) * ra_mean.value + momentum * mean_sg
+                ra_stat.value = (1 - momentum) * ra_stat.value + momentum * stat_sg
+        else:
+            mean = ra_mean.value
+            if spec.stat == "std" and eps == 0:
+                denom = ra_stat.value  # the lecture divides by bnstd_running itself
+            else:
+                var = jnp.square(ra_stat.value) if spec.stat == "std" else ra_stat.value
+                denom = jnp.sqrt(var + eps)
+        return scale * (x - mean) / denom + bias
+
+
+class MLP(nn.Module):
+    """The lecture's embedding MLP: tokens (B, block_size) -> logits (B, vocab_size).
+
+    embed -> concat -> hidden Dense (bias unless batchnorm) -> [BatchNorm1d] -> tanh -> out Dense.
+    Every tensor is a N(0, 1) draw times its `*_scale`; the five stages differ only in those.
+    """
+
+    vocab_size: int
+    block_size: int = 3
+    n_embd: int = 10
+    n_hidden: int = 200
+    c_scale: float = 1.0
+    w1_scale: float = 1.0
+    b1_scale: float = 1.0
+    w2_scale: float = 1.0
+    b2_scale: float = 1.0
+    batchnorm: bool = False
+    bn_semantics: str = "lecture"
+    bn_momentum: float | None = None  # None = the preset's
+
+    @nn.compact
+    def __call__(self, idx: jax.Array, train: bool = False) -> jax.Array:
+        B = idx.shape[0]
+        emb = nn.Embed(self.vocab_size, self.n_embd, embedding_init=scaled_normal(self.c_scale),
+                       name="embed")(idx)  # (B, T, n_embd)
+        embcat = emb.reshape(B, -1)  # (B, T*n_embd)
+        hpreact = nn.Dense(self.n_hidden, use_bias=not self.batchnorm, precision=PRECISION,
+                           kernel_init=scaled_normal(self.w1_scale),
+                           bias_init=scaled_normal(self.b1_scale), name="hidden")(embcat)
+        if self.batchnorm:  # the mean subtraction cancels b1, hence use_bias above
+            hpreact = BatchNorm1d(self.bn_semantics, momentum=self.bn_momentum, name="bn")(
+                hpreact, train)
+        h = jnp.tanh(hpreact)  # (B, n_hidden)
+        self.sow("intermediates", "h", h)
+        return nn.Dense(self.vocab_size, precision=PRECISION,
+                        kernel_init=scaled_normal(self.w2_scale),
+                        bias_init=scaled_normal(self.b2_scale), name="out")(h)  # (B, vocab)

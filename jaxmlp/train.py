@@ -1,0 +1,211 @@
+"""Training as pure functions over an explicit `TrainState`.
+
+    make_schedule / make_optimizer   optax's stepped learning rate and SGD (or Adam)
+    create_train_state               key -> params, batch_stats, opt_state, step, key
+    train_step                       one minibatch update
+    run_steps                        `lax.scan` over many steps: the fused, device-resident loop
+    train_chunk                      `run_steps` compiled (the state buffers are donated)
+    fit                              host loop over chunks: progress bar, the lecture's log lines
+
+`run_steps` is the one code path for a single run and for a `jax.vmap`ped sweep over seeds or
+initial scales: vmap it over a stacked `TrainState`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from flax import struct
+
+from jaxmlp.errors import ConfigError, DivergenceError
+from jaxmlp.stages import Schedule
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of a run (hashable: it is a static argument of the compiled loop)."""
+
+    steps: int = 200_000
+    batch_size: int = 32
+    schedule: Schedule = field(default_factory=Schedule)
+    optimizer: str = "sgd"  # "sgd" (the lecture) or "adam"
+    chunk: int = 10_000  # steps per compiled call: one host round trip per chunk
+
+    def validate(self, batchnorm: bool = False) -> TrainConfig:
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ConfigError(f"steps must be a positive integer, got {self.steps!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"batch size must be a positive integer, got {self.batch_size!r}")
+        if batchnorm and self.batch_size < 2:
+            raise ConfigError("batch size 1 leaves batch norm's unbiased std undefined; "
+                              "use --batch-size 2 or more")
+        if self.chunk < 1:
+            raise ConfigError(f"chunk must be a positive integer, got {self.chunk!r}")
+        lrs, bounds = self.schedule.learning_rates, self.schedule.boundaries
+        if len(lrs) != len(bounds) + 1:
+            raise ConfigError(f"a schedule needs one more learning rate than boundaries, got "
+                              f"{len(lrs)} rates and {len(bounds)} boundaries")
+        if any(not lr > 0 or not math.isfinite(lr) for lr in lrs):
+            raise ConfigError(f"learning rates must be positive and finite, got {list(lrs)}")
+        if list(bounds) != sorted(set(bounds)) or any(b < 1 for b in bounds):
+            raise ConfigError(f"schedule boundaries must be positive and increasing, got "
+                              f"{list(bounds)}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; use sgd or adam")
+        return self
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything that changes during training; all leaves are arrays (vmap/scan/save-able)."""
+
+    step: jax.Array  # () int32: steps taken so far
+    params: Any
+    batch_stats: Any  # running batch-norm statistics ({} without batch norm)
+    opt_state: optax.OptState
+    key: jax.Array  # the run's key; step i draws its minibatch from fold_in(key, i)
+
+
+def make_schedule(schedule: Schedule) -> optax.Schedule:
+    """The lecture's `lr = 0.1 if i < 100000 else 0.01`, as exact constants joined by optax."""
+    return optax.join_schedules(
+        [optax.constant_schedule(lr) for lr in schedule.learning_rates],
+        list(schedule.boundaries))
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    schedule = make_schedule(config.schedule)
+    if config.optimizer == "adam":
+        return optax.adam(schedule)
+    return optax.sgd(schedule)  # p += -lr * grad, as the lecture's update
+
+
+def create_train_state(key: jax.Array, model: nn.Module, config: TrainConfig) -> TrainState:
+    """Draw the initial variables from `key` and start the optimizer."""
+    init_key, data_key = jax.random.split(key)
+    variables = model.init(init_key, jnp.zeros((2, model.block_size), jnp.int32), train=False)
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=make_optimizer(config).init(params),
+        key=data_key,
+    )
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean cross-entropy of (B, V) logits against (B,) int targets: F.cross_entropy."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+def loss_fn(params, batch_stats, model: nn.Module, X: jax.Array, Y: jax.Array):
+    """Training-mode loss of a minibatch and the batch_stats it produces."""
+    logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, X, train=True,
+                                  mutable=["batch_stats"])
+    return cross_entropy(logits, Y), updates.get("batch_stats", {})
+
+
+def sample_batch(key: jax.Array, step: jax.Array, n: int, batch_size: int) -> jax.Array:
+    """Minibatch indices of step `step`: uniform with replacement, like torch.randint."""
+    return jax.random.randint(jax.random.fold_in(key, step), (batch_size,), 0, n)
+
+
+def train_step(state: TrainState, X: jax.Array, Y: jax.Array, model: nn.Module,
+               tx: optax.GradientTransformation) -> tuple[TrainState, jax.Array]:
+    """One SGD step on a minibatch X (B, T), Y (B,); returns the new state and the loss."""
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.batch_stats, model, X, Y)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                         opt_state=opt_state), loss
+
+
+def run_steps(state: TrainState, X: jax.Array, Y: jax.Array, batch_ix: jax.Array | None = None,
+              *, model: nn.Module, config: TrainConfig, num_steps: int):
+    """`num_steps` training steps fused into one `lax.scan`; returns (state, losses (num_steps,)).
+
+    X (N, T), Y (N,) is the training split, resident on the device. Minibatches are drawn on
+    the device from the state's key, or taken from `batch_ix` (num_steps, B) when given (e.g.
+    the PyTorch lecture's index stream).
+    """
+    tx = make_optimizer(config)
+
+    def body(state, ix):
+        if ix is None:
+            ix = sample_batch(state.key, state.step, X.shape[0], config.batch_size)
+        return train_step(state, X[ix], Y[ix], model, tx)
+
+    return jax.lax.scan(body, state, batch_ix, length=num_steps)
+
+
+train_chunk = jax.jit(run_steps, static_argnames=("model", "config", "num_steps"),
+                      donate_argnames=("state",))
+
+
+@dataclass
+class FitResult:
+    state: TrainState
+    losses: np.ndarray  # (steps,) float32 minibatch loss of every step
+    seconds: float  # wall time of the loop, compilation included
+    compile_seconds: float
+
+
+def fit(state: TrainState, X, Y, model: nn.Module, config: TrainConfig, *,
+        batch_ix: np.ndarray | None = None, log_every: int = 10_000,
+        log: Callable[[str], None] | None = print, progress: bool = True) -> FitResult:
+    """Train from `state` to `config.steps` in compiled chunks (the host only logs).
+
+    Prints the lecture's `      0/ 200000: 3.3239` line every `log_every` steps and raises
+    DivergenceError (naming the step) if a loss stops being finite.
+    """
+    from tqdm.auto import tqdm
+
+    X, Y = jnp.asarray(X), jnp.asarray(Y)
+    start = int(state.step)
+    losses = []
+    t0 = time.perf_counter()
+    compile_seconds = 0.0
+
+    @functools.cache
+    def compiled(n: int):
+        nonlocal compile_seconds
+        tc = time.perf_counter()
+        ix = None if batch_ix is None else jnp.asarray(batch_ix[:n])
+        exe = train_chunk.lower(state, X, Y, ix, model=model, config=config,
+                                num_steps=n).compile()
+        compile_seconds += time.perf_counter() - tc
+        return exe
+
+    bar = tqdm(total=config.steps, initial=start, disable=not progress, unit="step",
+               mininterval=0.5, leave=False)
+    emit = bar.write if progress else log  # log lines above the bar, not through it
+    for s in range(start, config.steps, config.chunk):
+        n = min(config.chunk, config.steps - s)
+        ix = None if batch_ix is None else jnp.asarray(batch_ix[s:s + n])
+        state, chunk_losses = compiled(n)(state, X, Y, ix)
+        chunk_losses = np.asarray(chunk_losses)  # the one host sync per chunk
+        bad = np.flatnonzero(~np.isfinite(chunk_losses))
+        if bad.size:
+            raise DivergenceError(
+                f"loss became {chunk_losses[bad[0]]} at step {s + bad[0]}; "
+                "lower the learning rate (e.g. --lr 0.05) or check the initialisation")
+        losses.append(chunk_losses)
+        if log is not None:
+            for i in range(-(-s // log_every) * log_every, s + n, log_every):
+                emit(f"{i:7d}/{config.steps:7d}: {chunk_losses[i - s]:.4f}")
+        bar.update(n)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    all_losses = np.concatenate(losses) if losses else np.zeros(0, np.float32)
+    return FitResult(state, all_losses, seconds, compile_seconds)
