@@ -2,6 +2,7 @@
 
     make_schedule / make_optimizer   optax's stepped learning rate and SGD (or Adam)
     create_train_state               key -> params, batch_stats, opt_state, step, key
+    compute_grads / apply_grads      the two halves of a step (diagnostics reuse them)
     train_step                       one minibatch update
     run_steps                        `lax.scan` over many steps: the fused, device-resident loop
     train_chunk                      `run_steps` compiled (the state buffers are donated)
@@ -120,15 +121,27 @@ def sample_batch(key: jax.Array, step: jax.Array, n: int, batch_size: int) -> ja
     return jax.random.randint(jax.random.fold_in(key, step), (batch_size,), 0, n)
 
 
-def train_step(state: TrainState, X: jax.Array, Y: jax.Array, model: nn.Module,
-               tx: optax.GradientTransformation) -> tuple[TrainState, jax.Array]:
-    """One SGD step on a minibatch X (B, T), Y (B,); returns the new state and the loss."""
+def compute_grads(state: TrainState, X: jax.Array, Y: jax.Array, model: nn.Module):
+    """Minibatch loss, the batch_stats it produces, and d(loss)/d(params)."""
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, state.batch_stats, model, X, Y)
+    return loss, batch_stats, grads
+
+
+def apply_grads(state: TrainState, grads, batch_stats, tx: optax.GradientTransformation):
+    """The optimizer update; returns the new state and the parameter updates it applied."""
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                         opt_state=opt_state), loss
+                         opt_state=opt_state), updates
+
+
+def train_step(state: TrainState, X: jax.Array, Y: jax.Array, model: nn.Module,
+               tx: optax.GradientTransformation) -> tuple[TrainState, jax.Array]:
+    """One SGD step on a minibatch X (B, T), Y (B,); returns the new state and the loss."""
+    loss, batch_stats, grads = compute_grads(state, X, Y, model)
+    state, _ = apply_grads(state, grads, batch_stats, tx)
+    return state, loss
 
 
 def run_steps(state: TrainState, X: jax.Array, Y: jax.Array, batch_ix: jax.Array | None = None,
