@@ -73,7 +73,7 @@ def cmd_train(args) -> int:
     print(f"stage {args.stage}: {n_params:,} parameters, {config.steps:,} steps, "
           f"seed {args.seed}, on {jax.devices()[0].platform}")
     result = fit(state, *data.train, model, config, progress=not args.quiet)
-    variables = {"params": result.state.params, "batch_stats": result.state.batch_stats}
+    variables = result.state.variables
     losses = split_losses(model, variables, data)
     metrics = {
         "stage": args.stage, "seed": args.seed, "steps": config.steps, "params": n_params,
@@ -107,7 +107,7 @@ def cmd_eval(args) -> int:
     spec, state = load_run(args.run)
     data = load_dataset(args.data or spec.data, block_size=spec.model.block_size,
                         vocab=spec.vocab)
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    variables = state.variables
     if args.calibrate:
         variables = calibrate(variables, data.train.X, model=spec.model)
     for split, loss in split_losses(spec.model, variables, data).items():
@@ -124,7 +124,7 @@ def cmd_sample(args) -> int:
     if args.n < 1:
         raise ConfigError(f"-n must be a positive integer, got {args.n}")
     spec, state = load_run(args.run)
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    variables = state.variables
     for name in sample_names(spec.model, variables, spec.vocab, jax.random.key(args.seed),
                              num=args.n):
         print(name)

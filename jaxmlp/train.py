@@ -75,6 +75,11 @@ class TrainState(struct.PyTreeNode):
     opt_state: optax.OptState
     key: jax.Array  # the run's key; step i draws its minibatch from fold_in(key, i)
 
+    @property
+    def variables(self) -> dict:
+        """The Flax variables for `model.apply`: params and batch_stats."""
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
 
 def make_schedule(schedule: Schedule) -> optax.Schedule:
     """The lecture's `lr = 0.1 if i < 100000 else 0.01`, as exact constants joined by optax."""

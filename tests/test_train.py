@@ -50,7 +50,7 @@ def test_short_run_lowers_the_loss_and_updates_running_stats(short_run, names_da
     assert result.losses.shape == (1500,) and np.isfinite(result.losses).all()
     assert int(result.state.step) == 1500
     assert result.losses[-200:].mean() < result.losses[:50].mean() - 0.5
-    variables = {"params": result.state.params, "batch_stats": result.state.batch_stats}
+    variables = result.state.variables
     losses = split_losses(model, variables, names_data)
     assert set(losses) == {"train", "val", "test"} and losses["val"] < 2.8
     assert not np.allclose(result.state.batch_stats["bn"]["mean"], 0)
@@ -87,7 +87,7 @@ def test_divergence_names_the_step(names_data):
 
 def test_samples_decode_and_depend_on_the_key(short_run, names_data):
     model, _, _, result = short_run
-    variables = {"params": result.state.params, "batch_stats": result.state.batch_stats}
+    variables = result.state.variables
     a = sample_names(model, variables, names_data.vocab, jax.random.key(1), num=8)
     b = sample_names(model, variables, names_data.vocab, jax.random.key(1), num=8)
     c = sample_names(model, variables, names_data.vocab, jax.random.key(2), num=8)
