@@ -131,6 +131,58 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_diagnose(args) -> int:
+    import datetime
+    import platform
+
+    import jax
+
+    from jaxmlp import diagnostics as diag
+    from jaxmlp.checkpoint import write_json
+    from jaxmlp.data import load_dataset
+    from jaxmlp.evaluate import split_losses
+    from jaxmlp.figures import write_diagnosis_figures
+    from jaxmlp.stages import DEEP_STAGES, SCHEDULES, check_stage, make_model
+    from jaxmlp.train import TrainConfig, create_train_state
+
+    check_stage(args.stage)
+    threshold = args.threshold or (diag.DEEP_SATURATION if args.stage in DEEP_STAGES
+                                   else diag.SHALLOW_SATURATION)
+    if not 0 < threshold < 1:
+        raise ConfigError(f"--threshold must lie in (0, 1), got {threshold}")
+    stats_every = args.stats_every
+    if stats_every is None:  # about ten records, on instrumented steps
+        stats_every = args.steps // 10 // args.every * args.every
+    data = load_dataset(args.data)
+    model = make_model(args.stage, data.vocab.size)
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size,
+                         schedule=SCHEDULES[args.stage]).validate(batchnorm=model.batchnorm)
+    diag._check_every(args.steps, args.every, stats_every)
+    out = Path(args.out or f"runs/diagnose-{args.stage}-s{args.seed}")
+    _check_out_dir(out, args.force)
+
+    state = create_train_state(jax.random.key(args.seed), model, config)
+    print(f"diagnosing {args.stage} for {args.steps:,} steps (seed {args.seed}, on "
+          f"{jax.devices()[0].platform})")
+    d = diag.diagnose(state, *data.train, model, config, steps=args.steps, every=args.every,
+                      stats_every=stats_every, threshold=threshold)
+    losses = split_losses(model, d.state.variables, data, splits=("train", "val"))
+    report = diag.to_json(d, stage=args.stage, seed=args.seed, split_losses=losses,
+                          backend=jax.devices()[0].platform, jax=jax.__version__,
+                          machine=platform.machine(), date=datetime.date.today().isoformat())
+    out.mkdir(parents=True, exist_ok=True)
+    shapes = {w["name"]: w["shape"] for w in report["weights"]}
+    figures = write_diagnosis_figures(d, out, args.stage, shapes)
+    write_json(out / "diagnostics.json", report)
+    for a in report["activations"]:
+        print(f"{a['layer']:>7s}: mean {a['mean']:+.2f}, std {a['std']:.2f}, "
+              f"saturated {100 * a['saturated']:.2f}%, dead {report['dead_units'][a['layer']]}")
+    print(f"train {losses['train']:.4f}  val {losses['val']:.4f}  ({d.seconds:.1f} s, "
+          f"{d.compile_seconds:.1f} s compiling)")
+    print(f"wrote {out}/diagnostics.json and {len(figures)} figures")
+    return 0
+
+
 def build_parser() -> Parser:
     from jaxmlp.data import DEFAULT_DATA
     from jaxmlp.stages import stage_names
@@ -152,7 +204,7 @@ def build_parser() -> Parser:
     t.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     t.add_argument("--block-size", type=int, default=3, help="context length")
     t.add_argument("--n-embd", type=int, default=10, help="embedding size")
-    t.add_argument("--n-hidden", type=int, default=200, help="hidden units")
+    t.add_argument("--n-hidden", type=int, help="hidden units (default: the stage's, 200 or 100)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
@@ -168,6 +220,23 @@ def build_parser() -> Parser:
     s.add_argument("-n", type=int, default=20, help="how many names")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_sample)
+
+    g = sub.add_parser("diagnose", help="train briefly with diagnostics; write "
+                       "DIR/diagnostics.json and the lecture's figures")
+    g.add_argument("--stage", default="deep", help=f"one of {', '.join(stage_names())}")
+    g.add_argument("--steps", type=int, default=1000)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--data", type=Path, default=DEFAULT_DATA, help="names file, one per line")
+    g.add_argument("--out", type=Path, help="folder (default runs/diagnose-<stage>-s<seed>)")
+    g.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    g.add_argument("--every", type=int, default=1,
+                   help="record the update ratios every K steps (default every step)")
+    g.add_argument("--stats-every", type=int,
+                   help="record layer statistics every K steps (default steps/10; 0: never)")
+    g.add_argument("--threshold", type=float,
+                   help="saturation threshold of |tanh| (default 0.97 deep, 0.99 shallow)")
+    g.set_defaults(func=cmd_diagnose)
     return p
 
 
