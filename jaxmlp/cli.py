@@ -151,15 +151,13 @@ def cmd_diagnose(args) -> int:
     if not 0 < threshold < 1:
         raise ConfigError(f"--threshold must lie in (0, 1), got {threshold}")
     stats_every = args.stats_every
-    if stats_every is None:  # about ten records, on instrumented steps
-        stats_every = args.steps // 10 // args.every * args.every
+    diag.check_intervals(args.steps, args.every, stats_every)
+    out = Path(args.out or f"runs/diagnose-{args.stage}-s{args.seed}")
+    _check_out_dir(out, args.force)
     data = load_dataset(args.data)
     model = make_model(args.stage, data.vocab.size)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size,
                          schedule=SCHEDULES[args.stage]).validate(batchnorm=model.batchnorm)
-    diag._check_every(args.steps, args.every, stats_every)
-    out = Path(args.out or f"runs/diagnose-{args.stage}-s{args.seed}")
-    _check_out_dir(out, args.force)
 
     state = create_train_state(jax.random.key(args.seed), model, config)
     print(f"diagnosing {args.stage} for {args.steps:,} steps (seed {args.seed}, on "
@@ -232,8 +230,9 @@ def build_parser() -> Parser:
     g.add_argument("--force", action="store_true", help="overwrite an existing --out")
     g.add_argument("--every", type=int, default=1,
                    help="record the update ratios every K steps (default every step)")
-    g.add_argument("--stats-every", type=int,
-                   help="record layer statistics every K steps (default steps/10; 0: never)")
+    g.add_argument("--stats-every", type=int, default=0,
+                   help="also record layer statistics every K steps (a multiple of --every; "
+                   "default 0: only the snapshots before and after)")
     g.add_argument("--threshold", type=float,
                    help="saturation threshold of |tanh| (default 0.97 deep, 0.99 shallow)")
     g.set_defaults(func=cmd_diagnose)

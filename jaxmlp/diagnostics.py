@@ -77,24 +77,34 @@ def histogram(x: jax.Array, lo, hi, bins: int = BINS) -> tuple[jax.Array, jax.Ar
     """Density histogram of all of x over [lo, hi] in `bins` equal bins: (density, edges).
 
     The values of `jnp.histogram(x, bins, (lo, hi), density=True)` (values outside [lo, hi]
-    are left out, hi falls in the last bin), computed as a bincount of each value's bin index:
-    with equal bins no search is needed, and it compiles about 3x faster than jnp.histogram's
-    searchsorted (a dozen histograms per diagnosed step add up). lo and hi may be traced
-    values (e.g. the data's own range); bins may not.
+    are left out, hi falls in the last bin). With equal bins a value's bin is arithmetic, so
+    the counts are a one-hot sum instead of jnp.histogram's searchsorted, which compiles in
+    half the time (a probe makes a dozen or more histograms). lo and hi may be traced (e.g.
+    the data's own range); bins may not.
     """
     x = x.ravel()
     lo, hi = jnp.asarray(lo, x.dtype), jnp.asarray(hi, x.dtype)
-    edges = jnp.linspace(lo, hi, bins + 1)
+    b = jnp.clip(jnp.floor((x - lo) / (hi - lo) * bins).astype(jnp.int32), 0, bins - 1)
     inside = (x >= lo) & (x <= hi)
-    ix = jnp.clip(jnp.floor((x - lo) / (hi - lo) * bins).astype(jnp.int32), 0, bins - 1)
-    counts = jnp.bincount(ix, weights=inside.astype(x.dtype), length=bins)
+    counts = ((b[:, None] == jnp.arange(bins)) & inside[:, None]).sum(0).astype(x.dtype)
+    edges = jnp.linspace(lo, hi, bins + 1)
     return counts / (counts.sum() * (edges[1] - edges[0])), edges
 
 
+def symmetric_range(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[-max|x|, max|x|]: gradients have no natural range (an all-zero x stays finite)."""
+    m = jnp.maximum(jnp.max(jnp.abs(x)), jnp.finfo(x.dtype).tiny)
+    return -m, m
+
+
+def activation_range(t: jax.Array, activation: str = "tanh"):
+    """The histogram range of an activation: (-1, 1) for tanh, (0, max) for relu."""
+    return (-1.0, 1.0) if activation == "tanh" else (0.0, jnp.maximum(t.max(), 1e-6))
+
+
 def symmetric_histogram(x: jax.Array, bins: int = BINS) -> tuple[jax.Array, jax.Array]:
-    """Histogram over [-max|x|, max|x|]: gradients have no natural range."""
-    m = jnp.maximum(jnp.max(jnp.abs(x)), jnp.finfo(x.dtype).tiny)  # an all-zero x stays finite
-    return histogram(x, -m, m, bins)
+    """Histogram over [-max|x|, max|x|]."""
+    return histogram(x, *symmetric_range(x), bins)
 
 
 def saturated(t: jax.Array, activation: str = "tanh",
@@ -118,8 +128,7 @@ def activation_stats(t: jax.Array, activation: str = "tanh", threshold: float = 
     out = {"mean": t.mean(), "std": _std(t), "saturated": mask.mean(),
            "dead": jnp.all(mask, axis=0).sum()}
     if bins:
-        lo, hi = (-1.0, 1.0) if activation == "tanh" else (0.0, jnp.maximum(t.max(), 1e-6))
-        out["hist"], out["edges"] = histogram(t, lo, hi, bins)
+        out["hist"], out["edges"] = histogram(t, *activation_range(t, activation), bins)
     return out
 
 
@@ -198,18 +207,18 @@ def probe(variables, X: jax.Array, Y: jax.Array, *, model: nn.Module,
     (loss, inter), (g_params, g_acts) = jax.value_and_grad(
         loss_with_probes, argnums=(0, 1), has_aux=True)(params, perturbations)
     activation = getattr(model, "activation", "tanh")
-    acts, act_grads = flat(inter), flat(g_acts)
-    activations = {}
-    for name, (t,) in acts.items():
-        activations[name] = activation_stats(t, activation, threshold, bins)
-        if raw:
-            activations[name]["values"] = t
-    return {
+    acts = {name: t for name, (t,) in flat(inter).items()}
+    out = {
         "loss": loss,
-        "activations": activations,
-        "gradients": {name: gradient_stats(g, bins) for name, g in act_grads.items()},
+        "activations": {n: activation_stats(t, activation, threshold, bins)
+                        for n, t in acts.items()},
+        "gradients": {n: gradient_stats(g, bins) for n, g in flat(g_acts).items()},
         "weights": weight_stats(params, g_params, bins),
     }
+    if raw:
+        for name, t in acts.items():
+            out["activations"][name]["values"] = t
+    return out
 
 
 probe_jit = jax.jit(probe, static_argnames=("model", "threshold", "bins", "raw"))
@@ -224,7 +233,10 @@ def snapshot(state: TrainState, X, Y, *, model: nn.Module, batch_size: int = 32,
                                     threshold=threshold, raw=raw))
 
 
-def _check_every(num_steps: int, every: int, stats_every: int) -> None:
+def check_intervals(num_steps: int, every: int, stats_every: int) -> None:
+    """Refuse recording intervals that do not fit the run (ConfigError naming the fix)."""
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ConfigError(f"--steps must be a positive integer, got {num_steps!r}")
     if not isinstance(every, int) or every < 1:
         raise ConfigError(f"--every must be a positive integer, got {every!r}")
     if num_steps % every:
@@ -254,7 +266,7 @@ def run_diagnosed(state: TrainState, X: jax.Array, Y: jax.Array,
         trace["stats"] (when stats_every): probe output without histograms, stacked (n, ...),
         trace["has_stats"] (n,) bool marking where it was recorded.
     """
-    _check_every(num_steps, every, stats_every)
+    check_intervals(num_steps, every, stats_every)
     tx = make_optimizer(config)
 
     def minibatch(state, ix):
@@ -315,8 +327,11 @@ class Diagnosis:
 
 def diagnose(state: TrainState, X, Y, model: nn.Module, config: TrainConfig, *,
              steps: int, every: int = 1, stats_every: int = 0,
-             threshold: float = DEEP_SATURATION) -> Diagnosis:
+             threshold: float = DEEP_SATURATION, batch_ix=None) -> Diagnosis:
     """Snapshot at init, `steps` steps of `run_diagnosed`, snapshot after them (on the host).
+
+    `batch_ix` (steps, B), when given, are the minibatch indices of the steps (as in
+    `run_steps`); otherwise they are drawn on the device from the state's key.
 
     The snapshots are `probe` (histograms and values included) of step 0's minibatch with
     the initial variables and of step `steps`'s minibatch with the trained ones: the lecture's
@@ -327,7 +342,7 @@ def diagnose(state: TrainState, X, Y, model: nn.Module, config: TrainConfig, *,
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    _check_every(steps, every, stats_every)
+    check_intervals(steps, every, stats_every)
     X, Y = jnp.asarray(X), jnp.asarray(Y)
 
     def minibatch(state):
@@ -335,15 +350,17 @@ def diagnose(state: TrainState, X, Y, model: nn.Module, config: TrainConfig, *,
         return X[ix], Y[ix]
 
     t0 = time.perf_counter()
-    batch0 = minibatch(state)
-    run = diagnose_chunk.lower(state, X, Y, model=model, config=config, num_steps=steps,
+    if batch_ix is not None:
+        batch_ix = jnp.asarray(batch_ix)
+    batch0 = minibatch(state) if batch_ix is None else (X[batch_ix[0]], Y[batch_ix[0]])
+    run = diagnose_chunk.lower(state, X, Y, batch_ix, model=model, config=config, num_steps=steps,
                                every=every, stats_every=stats_every, threshold=threshold)
     snap = probe_jit.lower(state.variables, *batch0, model=model, threshold=threshold, raw=True)
     with ThreadPoolExecutor(2) as pool:
         run, snap = pool.map(lambda lowered: lowered.compile(), (run, snap))
     compile_seconds = time.perf_counter() - t0
     init = snap(state.variables, *batch0)
-    state, trace = run(state, X, Y)
+    state, trace = run(state, X, Y, batch_ix)
     final = snap(state.variables, *minibatch(state))
     trace, init, final = jax.device_get((trace, init, final))  # the one host sync of the run
     seconds = time.perf_counter() - t0
@@ -407,6 +424,15 @@ def history(d: Diagnosis) -> dict[str, Any]:
 
 # --- The articles' initialisation demos (REFERENCE.md, "Initialisation facts") ---------------
 
+@functools.partial(jax.jit, static_argnames="scales")
+def _fan_in_outputs(key: jax.Array, scales: tuple[tuple[str, float], ...]):
+    kx, kw = jax.random.split(key)
+    x = jax.random.normal(kx, (1000, 10))
+    w = jax.random.normal(kw, (10, 200))
+    return x, {label: jnp.matmul(x, w * s, precision=jax.lax.Precision.HIGHEST)
+               for label, s in scales}
+
+
 def fan_in_demo(key: jax.Array, scales: dict[str, float] | None = None) -> dict[str, Any]:
     """x ~ N(0, 1) (1000, 10) times w ~ N(0, 1) (10, 200) * scale: output std ~ scale*sqrt(10).
 
@@ -416,13 +442,12 @@ def fan_in_demo(key: jax.Array, scales: dict[str, float] | None = None) -> dict[
     if scales is None:
         scales = {"w": 1.0, "w * 0.2": 0.2, "w / sqrt(10)": 1 / math.sqrt(10),
                   "w * (5/3) / sqrt(10)": (5 / 3) / math.sqrt(10)}
-    kx, kw = jax.random.split(key)
-    x = jax.random.normal(kx, (1000, 10))
-    w = jax.random.normal(kw, (10, 200))
-    return {"x": x, "outputs": {label: x @ (w * s) for label, s in scales.items()}}
+    x, outputs = _fan_in_outputs(key, tuple(scales.items()))
+    return {"x": x, "outputs": {label: outputs[label] for label in scales}}  # in given order
 
 
-def linear_bn_demo(key: jax.Array, n: int = 1000) -> dict[str, dict[str, float]]:
+@functools.partial(jax.jit, static_argnames="n")
+def linear_bn_demo(key: jax.Array, n: int = 1000) -> dict[str, dict[str, jax.Array]]:
     """Forward and backward std through W @ x, without and with a batch norm after it.
 
     W (n, n) and x (n, 1) unit Gaussians, an upstream gradient ~ N(0, 1). Without batch norm
