@@ -255,7 +255,7 @@ def test_preset_defaults_match_reference(semantics, batch, features):
     assert_matches(semantics, make_case(batch * 1000 + features, batch, features))
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(semantics=st.sampled_from(sorted(REFERENCES)), seed=st.integers(0, 2**31 - 1),
        batch=st.integers(3, 64), features=st.integers(1, 48), momentum=st.floats(1e-3, 1.0),
        epsilon=st.sampled_from([0.0, 1e-5, 1e-3, 0.1]))
@@ -267,7 +267,7 @@ def test_preset_overrides_match_reference(semantics, seed, batch, features, mome
 
 def test_flax_preset_momentum_is_not_flax_momentum():
     # jaxmlp's momentum is the NEW value's weight: 0.01 here is Flax's momentum=0.99.
-    case = make_case(7, 16, 4, steps=1)
+    case = make_case(7, 32, 200)  # the shapes of a default case: its compiled run is reused
     got = run_jaxmlp("flax", case)
     ref_wrong = ref_flax(case, momentum=0.99, eps=1e-5)  # Flax momentum=0.01 (as PyTorch's)
     assert not np.allclose(got["stat"], ref_wrong["stat"], rtol=TOL, atol=TOL)
