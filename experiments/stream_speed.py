@@ -42,5 +42,6 @@ for stage in args.stages.split(","):
                 s, ix = jax.tree.map(jnp.copy, state), batch_ix  # fit donates its state
             r = fit(s, *data.train, model, config, batch_ix=ix, log=None, progress=False)
             times[name].append((r.seconds - r.compile_seconds) / args.steps * 1e6)
-    print(f"{stage}: lecture_stream (init + {args.steps:,} steps of indices) {stream_s:.2f} s; us/step (median of {args.reps}): "
+    print(f"{stage}: lecture_stream (init + {args.steps:,} steps of indices) {stream_s:.2f} s; "
+          f"us/step (median of {args.reps}): "
           + ", ".join(f"{k} {np.median(v):.1f}" for k, v in times.items()))
