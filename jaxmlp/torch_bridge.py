@@ -171,12 +171,12 @@ def _template(model: MLP) -> dict:
 
 def _flax_leaf(value, shape_struct, where: str, source: str) -> jax.Array:
     arr = _to_numpy(value)
-    if arr.size != math.prod(shape_struct.shape) or arr.ndim not in (len(shape_struct.shape),
-                                                                      len(shape_struct.shape) + 1):
+    shape = tuple(shape_struct.shape)
+    if arr.shape not in (shape, (1, *shape)):  # (1, H): the lecture's bngain etc.
         raise ConfigError(f"{source} has shape {tuple(arr.shape)}, but {where} needs "
-                          f"{tuple(shape_struct.shape)}; build the model with the sizes the "
-                          "tensors were made for")
-    return jnp.asarray(arr.reshape(shape_struct.shape), dtype=shape_struct.dtype)
+                          f"{shape}; build the model with the sizes the tensors were made for "
+                          "(W1 and W2 are (in, out))")
+    return jnp.asarray(arr.reshape(shape), dtype=shape_struct.dtype)
 
 
 def _lecture_paths(model: MLP) -> dict[str, tuple[str, str, str]]:
@@ -334,8 +334,8 @@ def lecture_train(tensors: dict, generator, X, Y, steps: int, schedule: Schedule
     with the hand-written semantics: unbiased std, no epsilon, 0.999/0.001 running std).
     generator: continues the stream (each step draws its own torch.randint, as the lecture).
     X (N, T), Y (N,): the training split. losses: (steps,) float32, every step's loss.
-    The tensors are modified in place and returned. `num_threads` (the lecture's figures use 1)
-    is set for the loop and restored after.
+    The input tensors are left alone: the loop trains copies and returns them. `num_threads`
+    (the lecture's figures use 1) is set for the loop and restored after.
     """
     torch = import_torch()
     import torch.nn.functional as F

@@ -18,6 +18,12 @@ from hypothesis import strategies as st
 
 from jaxmlp.models import BN_PRESETS, BatchNorm1d
 
+try:
+    import torch  # noqa: F401
+    HAVE_TORCH = True
+except ImportError:  # the flax preset is still checked; the torch references skip
+    HAVE_TORCH = False
+
 TOL = 1e-5  # relative, and absolute against each array's largest magnitude (see assert_matches)
 STEPS = 3  # training steps per case: the running statistics compound
 
@@ -255,10 +261,10 @@ def test_preset_defaults_match_reference(semantics, batch, features):
     assert_matches(semantics, make_case(batch * 1000 + features, batch, features))
 
 
-@settings(max_examples=8, deadline=None)
-@given(semantics=st.sampled_from(sorted(REFERENCES)), seed=st.integers(0, 2**31 - 1),
-       batch=st.integers(3, 64), features=st.integers(1, 48), momentum=st.floats(1e-3, 1.0),
-       epsilon=st.sampled_from([0.0, 1e-5, 1e-3, 0.1]))
+@settings(max_examples=6, deadline=None)
+@given(semantics=st.sampled_from(sorted(REFERENCES) if HAVE_TORCH else ["flax"]),
+       seed=st.integers(0, 2**31 - 1), batch=st.integers(3, 64), features=st.integers(1, 48),
+       momentum=st.floats(1e-3, 1.0), epsilon=st.sampled_from([0.0, 1e-5, 1e-3, 0.1]))
 def test_preset_overrides_match_reference(semantics, seed, batch, features, momentum, epsilon):
     if epsilon == 0.0 and semantics in ("torch", "flax"):
         epsilon = 1e-5  # torch rejects eps 0 in training; only the lecture's forms run without
