@@ -65,18 +65,25 @@ def cmd_train(args) -> int:
                        n_embd=args.n_embd, n_hidden=args.n_hidden)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, schedule=schedule,
                          optimizer=args.optimizer).validate(batchnorm=model.batchnorm)
-    out = Path(args.out or f"runs/{args.stage}-s{args.seed}")
+    out = Path(args.out or f"runs/{args.stage}-{'torch' if args.torch_stream else f's{args.seed}'}")
     _check_out_dir(out, args.force)
 
-    state = create_train_state(jax.random.key(args.seed), model, config)
+    if args.torch_stream:  # the PyTorch lecture's initial tensors and minibatches
+        from jaxmlp.torch_bridge import lecture_stream
+
+        state, batch_ix = lecture_stream(model, config, len(data.train.X))
+    else:
+        state, batch_ix = create_train_state(jax.random.key(args.seed), model, config), None
     n_params = sum(int(x.size) for x in jax.tree.leaves(state.params))
     print(f"stage {args.stage}: {n_params:,} parameters, {config.steps:,} steps, "
-          f"seed {args.seed}, on {jax.devices()[0].platform}")
-    result = fit(state, *data.train, model, config, progress=not args.quiet)
+          f"{'the lecture torch stream' if args.torch_stream else f'seed {args.seed}'}, "
+          f"on {jax.devices()[0].platform}")
+    result = fit(state, *data.train, model, config, batch_ix=batch_ix, progress=not args.quiet)
     variables = result.state.variables
     losses = split_losses(model, variables, data)
     metrics = {
         "stage": args.stage, "seed": args.seed, "steps": config.steps, "params": n_params,
+        "torch_stream": args.torch_stream,
         **losses,
         "seconds": result.seconds, "compile_seconds": result.compile_seconds,
         "us_per_step": (result.seconds - result.compile_seconds) / config.steps * 1e6,
@@ -87,7 +94,8 @@ def cmd_train(args) -> int:
     if model.batchnorm:
         metrics["calibrated"] = split_losses(
             model, calibrate(variables, data.train.X, model=model), data)
-    spec = ckpt.RunSpec(args.stage, args.seed, model, config, data.vocab, str(args.data))
+    spec = ckpt.RunSpec(args.stage, args.seed, model, config, data.vocab, str(args.data),
+                        torch_stream=args.torch_stream)
     out.mkdir(parents=True, exist_ok=True)
     ckpt.save_run(out, spec, result.state)
     ckpt.write_json(out / ckpt.METRICS_FILE, metrics)
@@ -131,6 +139,31 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_reproduce(args) -> int:
+    from jaxmlp.data import load_dataset
+    from jaxmlp.reproduce import markdown_report, reproduce, write_report
+
+    if args.steps < 1:
+        raise ConfigError(f"--steps must be a positive integer, got {args.steps}")
+    out = Path(args.out or ("runs/reproduce-torch" if args.torch_stream else
+                            f"runs/reproduce-s{args.seed}"))
+    _check_out_dir(out, args.force)
+    if args.torch_stream:
+        from jaxmlp.torch_bridge import import_torch
+
+        import_torch()  # fail before training, not after the first stage
+    data = load_dataset(args.data)
+    results = reproduce(data, stages=args.stages, steps=args.steps,
+                        torch_stream=args.torch_stream, seed=args.seed,
+                        log=None if args.quiet else print)
+    json_path, md_path = write_report(out, results, steps=args.steps,
+                                      torch_stream=args.torch_stream, seed=args.seed)
+    print(markdown_report(results, steps=args.steps, torch_stream=args.torch_stream,
+                          seed=args.seed))
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
 def build_parser() -> Parser:
     from jaxmlp.data import DEFAULT_DATA
     from jaxmlp.stages import stage_names
@@ -154,6 +187,9 @@ def build_parser() -> Parser:
     t.add_argument("--n-embd", type=int, default=10, help="embedding size")
     t.add_argument("--n-hidden", type=int, default=200, help="hidden units")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--torch-stream", action="store_true",
+                   help="start from the PyTorch lecture's initial tensors and take its "
+                   "minibatches (needs torch; --seed is then unused)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="print the split losses of a saved run")
@@ -168,6 +204,21 @@ def build_parser() -> Parser:
     s.add_argument("-n", type=int, default=20, help="how many names")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_sample)
+
+    r = sub.add_parser("reproduce", help="train all five stages, write DIR/reproduce.json and "
+                       "DIR/reproduce.md beside the lecture's PyTorch figures")
+    r.add_argument("--torch-stream", action="store_true",
+                   help="the PyTorch lecture's initial tensors and minibatches (needs torch)")
+    r.add_argument("--steps", type=int, default=200_000)
+    r.add_argument("--seed", type=int, default=0, help="JAX seed (without --torch-stream)")
+    r.add_argument("--stages", type=lambda text: [x for x in text.split(",") if x],
+                   help=f"comma-separated subset (default all: {','.join(stage_names())})")
+    r.add_argument("--data", type=Path, default=DEFAULT_DATA, help="names file, one per line")
+    r.add_argument("--out", type=Path, help="output directory (default runs/reproduce-torch "
+                   "or runs/reproduce-s<seed>)")
+    r.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    r.add_argument("--quiet", action="store_true", help="print only the final table")
+    r.set_defaults(func=cmd_reproduce)
     return p
 
 
