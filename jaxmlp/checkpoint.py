@@ -213,7 +213,7 @@ def checkpoint_from_bytes(blob: bytes, spec: RunSpec, where: str = "checkpoint")
     try:
         outer = serialization.msgpack_restore(blob)
     except Exception:  # msgpack raises many types for damaged bytes
-        outer = None
+        raise corrupted("it does not parse") from None
     if not isinstance(outer, dict) or outer.get("format") != FORMAT:
         raise corrupted("not a jaxmlp checkpoint")
     if outer.get("version") != VERSION:
@@ -244,7 +244,7 @@ def checkpoint_from_bytes(blob: bytes, spec: RunSpec, where: str = "checkpoint")
     for (path, w), (_, g) in zip(want, got, strict=True):
         g = np.asarray(g)
         if g.shape != w.shape or g.dtype != w.dtype:
-            name = jax.tree_util.keystr(path)
+            name = jax.tree_util.keystr(path).lstrip(".")
             raise RunError(f"{where} holds {name} of shape {g.shape} {g.dtype}, but the run's "
                            f"model needs {w.shape} {w.dtype}; it is a checkpoint of another "
                            "model: put back this run's own checkpoint or train again with --force")
@@ -262,7 +262,8 @@ def checkpoint_from_bytes(blob: bytes, spec: RunSpec, where: str = "checkpoint")
 
 
 def _spec_differences(saved: dict, expected: dict, limit: int = 3) -> str:
-    """'model.n_hidden 16 (run.json: 32), ...' ignoring the checkpoint interval."""
+    """'model.n_hidden 16 (run.json: 32), ...', ignoring the checkpoint interval and data path
+    (a resume may change both, and a crash may come between rewriting the two files)."""
     def flat(d, prefix=""):
         out = {}
         for k, v in d.items():
@@ -273,8 +274,9 @@ def _spec_differences(saved: dict, expected: dict, limit: int = 3) -> str:
         return out
 
     a, b = flat(saved), flat(expected)
-    for d in (a, b):  # the cadence of checkpoints changes nothing in the numbers
+    for d in (a, b):  # neither changes a number (the data's content is checked by its hash)
         d.pop("train.chunk", None)
+        d.pop("data", None)
     diffs = [f"{k} {a.get(k)!r} (run.json: {b.get(k)!r})" for k in sorted(set(a) | set(b))
              if not _same(a.get(k), b.get(k))]
     return ", ".join(diffs[:limit]) + (", ..." if len(diffs) > limit else "")

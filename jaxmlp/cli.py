@@ -52,7 +52,8 @@ def _check_seed(seed: int) -> None:
 
 
 def _staging_dir(out: Path) -> Path:
-    """Where a --force run trains until it finishes and replaces `out`."""
+    """Where a --force run trains until it finishes and replaces `out` (a sibling of it)."""
+    out = Path(os.path.abspath(out))  # `--out .` has no name to extend
     return out.with_name(out.name + ".partial")
 
 
@@ -116,9 +117,9 @@ def _schedule(args, default):
         if bounds is None:
             bounds = () if len(rates) == 1 else default.boundaries
     if len(rates) != len(bounds) + 1:
-        raise ConfigError(f"--lr has {len(rates)} rate(s) and --lr-boundaries {len(bounds)} "
-                          "step(s); give one more rate than boundaries, e.g. --lr 0.1,0.01 "
-                          "--lr-boundaries 100000")
+        raise ConfigError(f"the schedule has {len(rates)} rate(s) (--lr) and {len(bounds)} "
+                          "boundary step(s) (--lr-boundaries); give one more rate than "
+                          "boundaries, e.g. --lr 0.1,0.01 --lr-boundaries 100000")
     return Schedule(tuple(rates), tuple(bounds))
 
 
@@ -168,8 +169,8 @@ def _resumed_run(args):
     conflicts = sorted(set(getattr(args, "given", ())) - RESUME_OPTIONS - {"command", "func"})
     if conflicts:
         flags = ", ".join("--" + c.replace("_", "-") for c in conflicts)
-        raise ConfigError(f"--resume continues a run with its saved settings; drop {flags} "
-                          "(or start a new run with --out)")
+        raise ConfigError(f"--resume continues a run with its own saved settings; drop "
+                          f"{flags} (to change settings, start a new run instead)")
     run = Path(args.resume)
     ck = ckpt.load_checkpoint(run)
     spec = ck.spec

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from flax import serialization
 
 from jaxmlp import checkpoint as ckpt
 from jaxmlp.cli import main
@@ -21,13 +22,14 @@ NAMES = DEFAULT_DATA.read_text().split()
 def ws(tiny_run, tmp_path_factory):
     """A workspace of good and damaged runs and data files (module-wide: tests only read it)."""
     ws = tmp_path_factory.mktemp("ws")
-    for name in ("run", "unfinished", "truncated", "garbage", "bitflip", "badspec", "nockpt",
-                 "other_shape"):
+    for name in ("run", "unfinished", "truncated", "garbage", "foreign", "bitflip", "badspec",
+                 "nockpt", "other_shape"):
         shutil.copytree(tiny_run, ws / name)
     (ws / "unfinished" / ckpt.METRICS_FILE).unlink()
     blob = (tiny_run / ckpt.CKPT_FILE).read_bytes()
     (ws / "truncated" / ckpt.CKPT_FILE).write_bytes(blob[: len(blob) // 2])
     (ws / "garbage" / ckpt.CKPT_FILE).write_bytes(bytes(range(256)) * 40)
+    (ws / "foreign" / ckpt.CKPT_FILE).write_bytes(serialization.msgpack_serialize({"step": 3}))
     flipped = bytearray(blob)
     flipped[len(blob) // 2] ^= 0x01  # one bit inside the parameters: msgpack still parses
     (ws / "bitflip" / ckpt.CKPT_FILE).write_bytes(bytes(flipped))
@@ -129,8 +131,9 @@ BAD = [
     (["train", "--resume", "unfinished", "--checkpoint-every", "0"], "--checkpoint-every must"),
     (["train", "--resume", "unfinished", "--data", "data/other.txt"], "is not the one run"),
     (["train", "--resume", "unfinished", "--data", "data/accents.txt"], "'éë', which the run"),
-    (["train", "--resume", "truncated"], "is truncated or corrupted"),
-    (["train", "--resume", "garbage"], "not a jaxmlp checkpoint"),
+    (["train", "--resume", "truncated"], "is truncated or corrupted (it does not parse)"),
+    (["train", "--resume", "garbage"], "is truncated or corrupted (it does not parse)"),
+    (["train", "--resume", "foreign"], "is truncated or corrupted (not a jaxmlp checkpoint)"),
     (["train", "--resume", "bitflip"], "checksum mismatch"),
     (["train", "--resume", "badspec"], "run.json' is corrupted"),
     (["train", "--resume", "nockpt"], "checkpoint.msgpack' is missing"),
@@ -152,7 +155,8 @@ BAD = [
     (["sample", "--run", "run", "-n", "1000000"], "-n must be a number of names from 1"),
     (["sample", "--run", "run", "--seed", "-2"], "--seed must be between"),
     (["sample", "--run", "missing"], "does not exist"),
-    (["sample", "--run", "garbage"], "not a jaxmlp checkpoint"),
+    (["sample", "--run", "garbage"], "it does not parse"),
+    (["eval", "--run", "foreign"], "not a jaxmlp checkpoint"),
     # no command at all
     ([], "the following arguments are required"),
     (["fly"], "invalid choice"),

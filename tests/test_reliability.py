@@ -261,6 +261,14 @@ def test_other_model_checkpoint_is_refused(small, tmp_path):
         ckpt.load_run(b)
     assert (b / ckpt.CKPT_FILE).read_bytes() == before
 
+    # A well-formed file whose arrays do not fit the spec it claims (made by hand).
+    forged = ckpt.checkpoint_to_bytes(spec_b, create_train_state(jax.random.key(0), spec.model,
+                                                                  spec.train), [])
+    (b / ckpt.CKPT_FILE).write_bytes(forged)
+    with pytest.raises(RunError, match=r"holds params\['hidden'\]\['bias'\] of shape "
+                                       r"\(32,\) float32, but the run's model needs \(64,\)"):
+        ckpt.load_checkpoint(b)
+
 
 def test_run_lock_refuses_a_second_writer(tiny_run, tmp_path, capsys):
     run = tmp_path / "run"
