@@ -226,7 +226,7 @@ def checkpoint_from_bytes(blob: bytes, spec: RunSpec, where: str = "checkpoint")
     try:
         inner = serialization.msgpack_restore(payload)
         ck_spec = RunSpec.from_json(json.loads(inner["spec"]))
-    except (ValueError, KeyError, TypeError, AttributeError, JaxmlpError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, JaxmlpError) as e:
         raise corrupted(f"bad spec: {type(e).__name__}") from None
 
     differences = _spec_differences(ck_spec.to_json(), spec.to_json())
@@ -343,7 +343,7 @@ def load_spec(run: str | Path) -> RunSpec:
                        "pass the DIR of a `jaxmlp train` run")
     try:
         return RunSpec.from_json(json.loads((run / SPEC_FILE).read_bytes()))
-    except (ValueError, KeyError, TypeError, AttributeError, JaxmlpError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, JaxmlpError) as e:
         raise RunError(f"{str(run / SPEC_FILE)!r} is corrupted ({type(e).__name__}); restore it "
                        "or train the run again with --force") from None
     except OSError as e:

@@ -150,12 +150,28 @@ def _new_run(args):
     data = load_dataset(args.data, block_size=args.block_size)
     model = make_model(args.stage, data.vocab.size, block_size=args.block_size,
                        n_embd=args.n_embd, n_hidden=args.n_hidden)
+    _check_sizes(model, config, len(data.train.Y))
     spec = ckpt.RunSpec(args.stage, args.seed, model, config, data.vocab, str(args.data))
     state = create_train_state(jax.random.key(args.seed), model, config)
     return dict(spec=spec, data=data, state=state, losses=np.zeros(0, np.float32),
                 data_sha256=ckpt.file_sha256(args.data), out=out,
                 workdir=out if replaces is None else _staging_dir(out),
                 replaces="" if replaces is None else str(replaces.absolute()))
+
+
+MAX_PARAMS = 1 << 28  # 1 GiB of float32 parameters, before gradients and optimizer state
+
+
+def _check_sizes(model, config, n_train: int) -> None:
+    """Refuse sizes that could only end in an out-of-memory crash."""
+    v, t, e, h = model.vocab_size, model.block_size, model.n_embd, model.n_hidden
+    n_params = v * e + t * e * h + 3 * h + h * v + v  # an upper bound over the stages
+    if n_params > MAX_PARAMS:
+        raise ConfigError(f"the model would have about {n_params:,} parameters (at most "
+                          f"{MAX_PARAMS:,}); use a smaller --n-hidden, --n-embd or --block-size")
+    if config.batch_size > n_train:
+        raise ConfigError(f"batch size {config.batch_size:,} is larger than the training set "
+                          f"({n_train:,} examples); use a smaller --batch-size")
 
 
 def _resumed_run(args):
@@ -227,9 +243,17 @@ def cmd_train(args) -> int:
         if run["replaces"] and workdir.exists():  # an earlier --force run that did not finish
             with ckpt.run_lock(workdir):
                 shutil.rmtree(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"cannot create run directory {str(workdir)!r} ({e.strerror}); "
+                           "choose another --out") from None
     with ckpt.run_lock(workdir):
-        ckpt.write_json(workdir / ckpt.SPEC_FILE, spec.to_json())
+        try:
+            ckpt.write_json(workdir / ckpt.SPEC_FILE, spec.to_json())
+        except OSError as e:
+            raise RunError(f"cannot write in {str(workdir)!r} ({e.strerror}); choose another "
+                           "--out or free space") from None
         saved_step = start
         if args.resume is None:
             save(state, prior)  # step 0: the directory is a resumable run from the start

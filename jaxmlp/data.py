@@ -211,6 +211,9 @@ def load_dataset(
 def _check_block_size(block_size) -> None:
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ConfigError(f"block_size must be a positive integer, got {block_size!r}")
+    if block_size > MAX_NAME_LENGTH + 1:  # longer contexts are only padding, and memory
+        raise ConfigError(f"block_size must be at most {MAX_NAME_LENGTH + 1} (names have at most "
+                          f"{MAX_NAME_LENGTH} characters), got {block_size}")
 
 
 def _shorten(text: str, limit: int = 40) -> str:

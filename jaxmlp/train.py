@@ -217,6 +217,14 @@ def fit(state: TrainState, X, Y, model: nn.Module, config: TrainConfig, *,
         compile_seconds += time.perf_counter() - tc
         return exe
 
+    @functools.cache
+    def finite_check():  # compiled once, and counted as compilation like the chunks
+        nonlocal compile_seconds
+        tc = time.perf_counter()
+        exe = _all_finite.lower((state.params, state.batch_stats, state.opt_state)).compile()
+        compile_seconds += time.perf_counter() - tc
+        return exe
+
     bar = tqdm(total=config.steps, initial=start, disable=not progress, unit="step",
                mininterval=0.5, leave=False)
     emit = bar.write if progress else log  # log lines above the bar, not through it
@@ -233,7 +241,7 @@ def fit(state: TrainState, X, Y, model: nn.Module, config: TrainConfig, *,
                 f"loss became {chunk_losses[bad[0]]} at step {s + bad[0]}; lower the learning "
                 f"rate (e.g. {_smaller_lr_flag(config)}) or check the initialisation",
                 step=int(s + bad[0]))
-        if not bool(_all_finite((state.params, state.batch_stats, state.opt_state))):
+        if not bool(finite_check()((state.params, state.batch_stats, state.opt_state))):
             bar.close()
             raise DivergenceError(
                 f"parameters became non-finite by step {s + n}; lower the learning rate "

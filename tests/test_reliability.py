@@ -280,3 +280,21 @@ def test_run_lock_refuses_a_second_writer(tiny_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "in use by another jaxmlp process" in err and len(err.splitlines()) == 1
     assert tree_bytes(run) == before
+
+
+def test_ctrl_c_leaves_a_resumable_run_and_says_how(tmp_path, capsys, monkeypatch):
+    import jaxmlp.train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jaxmlp.train, "fit", interrupted)
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--stage", "kaiming", "--n-hidden", "32",
+                 "--steps", "400", "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1
+    assert f"interrupted; the last checkpoint (step 0) is in {run}" in err
+    assert f"jaxmlp train --resume {run}" in err
+    ck = ckpt.load_checkpoint(run)
+    assert ck.step == 0 and ck.losses.shape == (0,) and ck.spec.train.steps == 400
