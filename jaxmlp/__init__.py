@@ -3,6 +3,14 @@
 data -> models/stages -> train -> evaluate -> plot; `checkpoint` keeps runs, `cli` composes.
 """
 
+from jaxmlp.checkpoint import (
+    Checkpoint,
+    RunSpec,
+    load_checkpoint,
+    load_run,
+    save_checkpoint,
+    save_run,
+)
 from jaxmlp.data import Dataset, Split, Vocab, load_dataset, load_words
 from jaxmlp.errors import ConfigError, DataError, DivergenceError, JaxmlpError, RunError
 from jaxmlp.evaluate import calibrate, eval_loss, sample_names, sample_tokens, split_losses
@@ -22,9 +30,10 @@ from jaxmlp.train import (
 
 __version__ = "0.1.0"
 __all__ = [
-    "BN_PRESETS", "MLP", "STAGES", "BNSemantics", "BatchNorm1d", "ConfigError", "DataError",
-    "Dataset", "DivergenceError", "JaxmlpError", "RunError", "Schedule", "Split", "TrainConfig",
-    "TrainState", "Vocab", "calibrate", "create_train_state", "eval_loss", "fit",
-    "load_dataset", "load_words", "make_model", "make_optimizer", "make_schedule", "run_steps",
-    "sample_names", "sample_tokens", "split_losses", "train_chunk", "train_step",
+    "BN_PRESETS", "MLP", "STAGES", "BNSemantics", "BatchNorm1d", "Checkpoint", "ConfigError",
+    "DataError", "Dataset", "DivergenceError", "JaxmlpError", "RunError", "RunSpec", "Schedule",
+    "Split", "TrainConfig", "TrainState", "Vocab", "calibrate", "create_train_state", "eval_loss",
+    "fit", "load_checkpoint", "load_dataset", "load_run", "load_words", "make_model",
+    "make_optimizer", "make_schedule", "run_steps", "sample_names", "sample_tokens",
+    "save_checkpoint", "save_run", "split_losses", "train_chunk", "train_step",
 ]
