@@ -290,7 +290,7 @@ def cmd_train(args) -> int:
 
         n_params = sum(int(x.size) for x in jax.tree.leaves(state.params))
         where = (f"resuming {workdir} at step {start:,}" if args.resume else
-                 "the lecture's torch stream" if spec.torch_stream else f"seed {spec.seed}")
+                 "the lecture torch stream" if spec.torch_stream else f"seed {spec.seed}")
         print(f"stage {spec.stage}: {n_params:,} parameters, {config.steps:,} steps, {where}, "
               f"on {jax.devices()[0].platform}")
         try:
