@@ -4,6 +4,14 @@ data -> models/stages -> train -> evaluate -> plot; `checkpoint` keeps runs, `cl
 `init` holds the initialisers, `diagnostics` the in-jit statistics, `figures` their plots.
 """
 
+from jaxmlp.checkpoint import (
+    Checkpoint,
+    RunSpec,
+    load_checkpoint,
+    load_run,
+    save_checkpoint,
+    save_run,
+)
 from jaxmlp.data import Dataset, Split, Vocab, load_dataset, load_words
 from jaxmlp.diagnostics import diagnose, probe, run_diagnosed
 from jaxmlp.errors import ConfigError, DataError, DivergenceError, JaxmlpError, RunError
@@ -25,10 +33,11 @@ from jaxmlp.train import (
 
 __version__ = "0.1.0"
 __all__ = [
-    "BN_PRESETS", "DEEP_STAGES", "MLP", "STAGES", "BNSemantics", "BatchNorm1d", "ConfigError",
-    "DataError", "Dataset", "DeepMLP", "DivergenceError", "JaxmlpError", "RunError", "Schedule",
-    "Split", "TrainConfig", "TrainState", "Vocab", "calculate_gain", "calibrate",
-    "create_train_state", "diagnose", "eval_loss", "fit", "load_dataset", "load_words",
-    "make_model", "make_optimizer", "make_schedule", "probe", "run_diagnosed", "run_steps",
-    "sample_names", "sample_tokens", "split_losses", "train_chunk", "train_step",
+    "BN_PRESETS", "DEEP_STAGES", "MLP", "STAGES", "BNSemantics", "BatchNorm1d", "Checkpoint",
+    "ConfigError", "DataError", "Dataset", "DeepMLP", "DivergenceError", "JaxmlpError",
+    "RunError", "RunSpec", "Schedule", "Split", "TrainConfig", "TrainState", "Vocab",
+    "calculate_gain", "calibrate", "create_train_state", "diagnose", "eval_loss", "fit",
+    "load_checkpoint", "load_dataset", "load_run", "load_words", "make_model", "make_optimizer",
+    "make_schedule", "probe", "run_diagnosed", "run_steps", "sample_names", "sample_tokens",
+    "save_checkpoint", "save_run", "split_losses", "train_chunk", "train_step",
 ]

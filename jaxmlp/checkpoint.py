@@ -1,33 +1,54 @@
-"""Run directories: the spec that made a run, its checkpoint, its metrics.
+"""Run directories: the spec that made a run, its checkpoints, its results.
 
     DIR/run.json           RunSpec: stage, seed, model fields, train config, vocabulary
-    DIR/checkpoint.msgpack flax.serialization of the whole TrainState
-    DIR/metrics.json       final losses, timings, step_losses
+    DIR/checkpoint.msgpack the whole training state (see below), rewritten every chunk
+    DIR/losses.npy         every step's minibatch loss (written when training ends)
     DIR/loss.png           the loss curve
+    DIR/metrics.json       final losses, timings, step_losses; written last: it marks the run
+                           finished
 
-Every file is written to a temporary name and renamed, so a crash mid-write leaves the
-previous version intact.
+A checkpoint is flax.serialization msgpack, two levels deep so that damage is detected:
+
+    {"format": "jaxmlp-checkpoint", "version": 1, "sha256": hex digest of payload,
+     "payload": msgpack of {"spec": run.json's text, "state": TrainState (key as raw uint32
+                            key data), "losses": (step,) float32, "data_sha256": hex digest of
+                            the names file, "replaces": "" or the run dir this run replaces}}
+
+It holds everything a resumed run needs (params, batch_stats, optimizer state, step, PRNG key,
+the loss history and the spec), so a resumed run continues bit for bit. Every file is written
+to a temporary name, flushed to disk and renamed over the old one: a crash or a failed write
+at any moment leaves the previous version whole.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
+import hashlib
 import json
+import math
 import os
+import shutil
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from flax import linen as nn
 from flax import serialization
 
 from jaxmlp import models
-from jaxmlp.data import Vocab
-from jaxmlp.errors import RunError
+from jaxmlp.data import END, Vocab
+from jaxmlp.errors import DivergenceError, JaxmlpError, RunError
 from jaxmlp.stages import Schedule
 from jaxmlp.train import TrainConfig, TrainState, create_train_state
 
 SPEC_FILE, CKPT_FILE, METRICS_FILE = "run.json", "checkpoint.msgpack", "metrics.json"
+LOSSES_FILE, PLOT_FILE = "losses.npy", "loss.png"
+FORMAT, VERSION = "jaxmlp-checkpoint", 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,31 +78,95 @@ class RunSpec:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> RunSpec:
+        """Inverse of `to_json`; ValueError/KeyError/TypeError for anything malformed."""
         m = dict(d["model"])
-        model = getattr(models, m.pop("class"))(**m)
+        model_cls = getattr(models, m.pop("class"), None)
+        if not (isinstance(model_cls, type) and issubclass(model_cls, nn.Module)):
+            raise ValueError("unknown model class")
+        model = model_cls(**m)
         t = dict(d["train"])
         schedule = Schedule(tuple(t.pop("learning_rates")), tuple(t.pop("boundaries")))
-        return cls(stage=d["stage"], seed=d["seed"], model=model,
-                   train=TrainConfig(schedule=schedule, **t), vocab=Vocab(tuple(d["vocab"])),
-                   data=d["data"], torch_stream=d.get("torch_stream", False))
+        vocab = Vocab(tuple(d["vocab"]))
+        if vocab.chars[:1] != (END,) or len(set(vocab.chars)) != vocab.size:
+            raise ValueError("malformed vocabulary")
+        for name in ("vocab_size", "block_size", "n_embd", "n_hidden"):
+            value = getattr(model, name, 1)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"malformed {name}")
+        if getattr(model, "vocab_size", vocab.size) != vocab.size:
+            raise ValueError("vocab_size does not match the vocabulary")
+        train = TrainConfig(schedule=schedule, **t)
+        train.validate(batchnorm=getattr(model, "batchnorm", False))
+        if not isinstance(d["seed"], int) or not isinstance(d["data"], str):
+            raise TypeError("malformed seed or data")
+        return cls(stage=d["stage"], seed=d["seed"], model=model, train=train, vocab=vocab,
+                   data=d["data"], torch_stream=bool(d.get("torch_stream", False)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A loaded checkpoint: the state and everything needed to continue from it."""
+
+    spec: RunSpec
+    state: TrainState
+    losses: np.ndarray  # (step,) float32: the minibatch loss of every step so far
+    data_sha256: str  # of the names file the run trains on ("" if not recorded)
+    replaces: str  # "" or the run directory this run replaces when it finishes (--force)
+
+    @property
+    def step(self) -> int:
+        return int(self.state.step)
+
+
+# ---------------------------------------------------------------------------- writing files
 
 
 def write_atomic(path: str | Path, data: bytes | str) -> None:
+    """Write `data` to a temporary name beside `path`, flush it to disk, rename it over `path`.
+
+    Readers see the old file or the new one, never a mix; if anything fails (disk full, a
+    kill) the old file is untouched and the temporary one is removed (or, after a kill,
+    overwritten by the next write).
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)  # make the rename itself durable
+
+
+def _fsync_dir(directory: Path) -> None:
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json(path: str | Path, obj: Any) -> None:
     write_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file: a resumed run checks that it trains on the same names."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# ------------------------------------------------------------------------- (de)serialising
+
+
 def state_to_bytes(state: TrainState) -> bytes:
-    # Typed PRNG keys are not serialisable; store their raw uint32 data.
+    """The bare TrainState as flax msgpack (typed PRNG keys are stored as raw key data)."""
     return serialization.to_bytes(state.replace(key=jax.random.key_data(state.key)))
 
 
@@ -90,32 +175,269 @@ def state_from_bytes(template: TrainState, blob: bytes) -> TrainState:
     return raw.replace(key=jax.random.wrap_key_data(raw.key))
 
 
-def save_run(out: str | Path, spec: RunSpec, state: TrainState) -> None:
+def checkpoint_to_bytes(spec: RunSpec, state: TrainState, losses: np.ndarray,
+                        data_sha256: str = "", replaces: str = "") -> bytes:
+    """The checkpoint file's bytes (see the module docstring)."""
+    losses = np.asarray(losses, np.float32)
+    if losses.shape != (int(state.step),) and losses.size:
+        raise ValueError(f"losses has shape {losses.shape}, state is at step {int(state.step)}")
+    payload = serialization.msgpack_serialize({
+        "spec": json.dumps(spec.to_json(), sort_keys=True),
+        "state": serialization.to_state_dict(
+            jax.device_get(state.replace(key=jax.random.key_data(state.key)))),
+        "losses": losses,
+        "data_sha256": data_sha256,
+        "replaces": replaces,
+    })
+    return serialization.msgpack_serialize({
+        "format": FORMAT, "version": VERSION,
+        "sha256": hashlib.sha256(payload).hexdigest(), "payload": payload,
+    })
+
+
+def _state_template(spec: RunSpec) -> TrainState:
+    """Shapes and dtypes of the run's TrainState (key as raw key data), computed abstractly."""
+    def make():
+        state = create_train_state(jax.random.key(0), spec.model, spec.train)
+        return state.replace(key=jax.random.key_data(state.key))
+
+    return jax.eval_shape(make)
+
+
+def checkpoint_from_bytes(blob: bytes, spec: RunSpec, where: str = "checkpoint") -> Checkpoint:
+    """Parse and verify a checkpoint written for `spec` (run.json's); RunError if it is not."""
+    def corrupted(why: str) -> RunError:
+        return RunError(f"{where} is truncated or corrupted ({why}); restore it from a backup "
+                        "or train the run again with --force")
+
+    try:
+        outer = serialization.msgpack_restore(blob)
+    except Exception:  # msgpack raises many types for damaged bytes
+        raise corrupted("it does not parse") from None
+    if not isinstance(outer, dict) or outer.get("format") != FORMAT:
+        raise corrupted("not a jaxmlp checkpoint")
+    if outer.get("version") != VERSION:
+        raise RunError(f"{where} has format version {outer.get('version')!r}, this jaxmlp reads "
+                       f"version {VERSION}; use the jaxmlp version that wrote it")
+    payload = outer.get("payload")
+    if not isinstance(payload, bytes) or hashlib.sha256(payload).hexdigest() != outer.get(
+            "sha256"):
+        raise corrupted("checksum mismatch")
+    try:
+        inner = serialization.msgpack_restore(payload)
+        ck_spec = RunSpec.from_json(json.loads(inner["spec"]))
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, JaxmlpError) as e:
+        raise corrupted(f"bad spec: {type(e).__name__}") from None
+
+    differences = _spec_differences(ck_spec.to_json(), spec.to_json())
+    if differences:
+        raise RunError(f"{where} was written by another run ({differences}); put back this "
+                       "run's own checkpoint or train it again with --force")
+
+    try:
+        template = _state_template(ck_spec)
+        raw = serialization.from_state_dict(template, inner["state"])
+    except Exception as e:  # whatever a damaged spec or state makes Flax raise
+        raise corrupted(f"state does not fit the model: {type(e).__name__}") from None
+    want = jax.tree_util.tree_flatten_with_path(template)[0]
+    got = jax.tree_util.tree_flatten_with_path(raw)[0]
+    for (path, w), (_, g) in zip(want, got, strict=True):
+        g = np.asarray(g)
+        if g.shape != w.shape or g.dtype != w.dtype:
+            name = jax.tree_util.keystr(path).lstrip(".")
+            raise RunError(f"{where} holds {name} of shape {g.shape} {g.dtype}, but the run's "
+                           f"model needs {w.shape} {w.dtype}; it is a checkpoint of another "
+                           "model: put back this run's own checkpoint or train again with --force")
+    state = jax.tree.map(np.asarray, raw)
+    state = state.replace(key=jax.random.wrap_key_data(state.key))
+    step = int(state.step)
+    losses = inner.get("losses")
+    if not (0 <= step <= ck_spec.train.steps) or not isinstance(losses, np.ndarray) or (
+            losses.size and losses.shape != (step,)):
+        raise corrupted("inconsistent step or loss history")
+    if not np.isfinite(losses).all():
+        raise corrupted("non-finite loss history")
+    return Checkpoint(ck_spec, state, losses.astype(np.float32),
+                      str(inner.get("data_sha256", "")), str(inner.get("replaces", "")))
+
+
+def _spec_differences(saved: dict, expected: dict, limit: int = 3) -> str:
+    """'model.n_hidden 16 (run.json: 32), ...', ignoring the checkpoint interval and data path
+    (a resume may change both, and a crash may come between rewriting the two files)."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    a, b = flat(saved), flat(expected)
+    for d in (a, b):  # neither changes a number (the data's content is checked by its hash)
+        d.pop("train.chunk", None)
+        d.pop("data", None)
+    diffs = [f"{k} {a.get(k)!r} (run.json: {b.get(k)!r})" for k in sorted(set(a) | set(b))
+             if not _same(a.get(k), b.get(k))]
+    return ", ".join(diffs[:limit]) + (", ..." if len(diffs) > limit else "")
+
+
+def _same(x, y) -> bool:
+    if isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y):
+        return True
+    if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
+        return len(x) == len(y) and all(_same(u, v) for u, v in zip(x, y, strict=True))
+    return x == y
+
+
+# ---------------------------------------------------------------------------- run directories
+
+
+def save_checkpoint(run: str | Path, spec: RunSpec, state: TrainState, losses: np.ndarray,
+                    data_sha256: str = "", replaces: str = "") -> None:
+    """Atomically (re)write DIR/checkpoint.msgpack; refuses a non-finite state.
+
+    A failed write raises RunError and leaves the previous checkpoint as it was.
+    """
+    from jaxmlp.train import _all_finite
+
+    run = Path(run)
+    if not bool(_all_finite((state.params, state.batch_stats, state.opt_state))):
+        raise DivergenceError(f"refusing to checkpoint a non-finite state at step "
+                              f"{int(state.step)}; the previous checkpoint in {str(run)!r} is "
+                              "kept: lower the learning rate (--lr)", step=int(state.step))
+    blob = checkpoint_to_bytes(spec, state, losses, data_sha256, replaces)
+    try:
+        write_atomic(run / CKPT_FILE, blob)
+    except OSError as e:
+        raise RunError(f"cannot write checkpoint {str(run / CKPT_FILE)!r} ({e.strerror or e}); "
+                       "the previous checkpoint is kept: free space or fix permissions, then "
+                       f"`jaxmlp train --resume {run}`") from None
+
+
+def save_run(out: str | Path, spec: RunSpec, state: TrainState,
+             losses: np.ndarray | None = None, data_sha256: str = "", replaces: str = "") -> None:
+    """Write DIR/run.json and DIR/checkpoint.msgpack (creating DIR).
+
+    `losses` is the (step,) history; without it the checkpoint can be evaluated and sampled
+    but not resumed.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / SPEC_FILE, spec.to_json())
-    write_atomic(out / CKPT_FILE, state_to_bytes(state))
+    save_checkpoint(out, spec, state, np.zeros(0, np.float32) if losses is None else losses,
+                    data_sha256, replaces)
+
+
+def load_spec(run: str | Path) -> RunSpec:
+    """DIR/run.json as a RunSpec; RunError (with the fix) if DIR is not a run directory."""
+    run = Path(run)
+    if not run.exists():
+        raise RunError(f"run directory {str(run)!r} does not exist; pass the DIR of a "
+                       "`jaxmlp train` run (default runs/<stage>-s<seed>)")
+    if not run.is_dir():
+        raise RunError(f"run directory {str(run)!r} is a file, not a directory; pass the DIR "
+                       "of a `jaxmlp train` run")
+    if not (run / SPEC_FILE).is_file():
+        raise RunError(f"{str(run)!r} is not a jaxmlp run directory (it has no {SPEC_FILE}); "
+                       "pass the DIR of a `jaxmlp train` run")
+    try:
+        return RunSpec.from_json(json.loads((run / SPEC_FILE).read_bytes()))
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, JaxmlpError) as e:
+        raise RunError(f"{str(run / SPEC_FILE)!r} is corrupted ({type(e).__name__}); restore it "
+                       "or train the run again with --force") from None
+    except OSError as e:
+        raise RunError(f"cannot read {str(run / SPEC_FILE)!r} ({e.strerror}); check its "
+                       "permissions") from None
+
+
+def load_checkpoint(run: str | Path) -> Checkpoint:
+    """Read and verify a run directory's checkpoint; RunError naming the problem and the fix."""
+    run = Path(run)
+    spec = load_spec(run)
+    path = run / CKPT_FILE
+    if not path.is_file():
+        raise RunError(f"{str(path)!r} is missing (the run stopped before its first checkpoint "
+                       "or the file was moved); put it back or train the run again with --force")
+    try:
+        blob = path.read_bytes()
+    except OSError as e:
+        raise RunError(f"cannot read {str(path)!r} ({e.strerror}); check its permissions"
+                       ) from None
+    return checkpoint_from_bytes(blob, spec, where=f"checkpoint {str(path)!r}")
 
 
 def load_run(run: str | Path) -> tuple[RunSpec, TrainState]:
-    """Read a run directory written by `jaxmlp train`; raises RunError with the fix."""
-    run = Path(run)
-    if not run.is_dir():
-        raise RunError(f"run directory {str(run)!r} does not exist; "
-                       "pass --run DIR of a finished `jaxmlp train`")
-    for name in (SPEC_FILE, CKPT_FILE):
-        if not (run / name).is_file():
-            raise RunError(f"{str(run / name)!r} is missing; "
-                           "is this a run directory written by `jaxmlp train`?")
+    """(spec, state) of a run directory written by `jaxmlp train`; raises RunError with the fix."""
+    ck = load_checkpoint(run)
+    return ck.spec, ck.state
+
+
+def is_finished(run: str | Path) -> bool:
+    """A run is finished once its metrics.json exists (written after everything else)."""
+    return (Path(run) / METRICS_FILE).is_file()
+
+
+@contextlib.contextmanager
+def run_lock(run: str | Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on a run directory while writing to it.
+
+    The OS drops the lock when the process ends however it ends (even SIGKILL), so a stale
+    lock never blocks a resume. A no-op where `fcntl` is missing (Windows).
+    """
     try:
-        spec = RunSpec.from_json(json.loads((run / SPEC_FILE).read_text()))
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise RunError(f"{str(run / SPEC_FILE)!r} is corrupted ({type(e).__name__}); "
-                       "re-run `jaxmlp train`") from None
-    template = create_train_state(jax.random.key(spec.seed), spec.model, spec.train)
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(run, os.O_RDONLY)
     try:
-        state = state_from_bytes(template, (run / CKPT_FILE).read_bytes())
-    except Exception as e:  # msgpack raises many types for a damaged file
-        raise RunError(f"checkpoint {str(run / CKPT_FILE)!r} is unreadable "
-                       f"({type(e).__name__}); re-run `jaxmlp train`") from None
-    return spec, state
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunError(f"run directory {str(run)!r} is in use by another jaxmlp process; "
+                           "wait for it to finish or stop it first") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def check_unlocked(run: str | Path) -> None:
+    """RunError if another process is training into `run` right now."""
+    with run_lock(run):
+        pass
+
+
+def replace_dir(new: str | Path, old: str | Path) -> None:
+    """Move directory `new` to `old`'s name and delete what `old` held.
+
+    Where the OS can swap two names atomically (Linux renameat2), `old` always names a whole
+    run; elsewhere there is a moment between two renames when it names nothing.
+    """
+    new, old = Path(new), Path(old)
+    if not old.exists():
+        new.rename(old)
+        return
+    if _exchange(new, old):  # `new`'s name now holds the old run
+        shutil.rmtree(new)
+        return
+    trash = old.with_name(f".{old.name}.old")
+    if trash.exists():
+        shutil.rmtree(trash)
+    old.rename(trash)
+    new.rename(old)
+    shutil.rmtree(trash)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0

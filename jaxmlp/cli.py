@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
+import shutil
 import sys
 from pathlib import Path
 
@@ -37,12 +39,214 @@ def _float_list(text: str) -> tuple[float, ...]:
             f"expected comma-separated numbers, got {text!r}") from None
 
 
-def _check_out_dir(out: Path, force: bool) -> None:
+MAX_SEED = 2**32 - 1  # jax.random.key keeps 32 bits of a seed: larger ones repeat smaller ones
+MAX_SAMPLES = 100_000
+# With --resume the saved spec decides everything else; these options change no number.
+RESUME_OPTIONS = {"resume", "quiet", "data", "checkpoint_every"}
+
+
+def _check_seed(seed: int) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"--seed must be between 0 and {MAX_SEED} (JAX keys keep 32 bits of "
+                          f"it), got {seed}")
+
+
+def _staging_dir(out: Path) -> Path:
+    """Where a --force run trains until it finishes and replaces `out` (a sibling of it)."""
+    out = Path(os.path.abspath(out))  # `--out .` has no name to extend
+    return out.with_name(out.name + ".partial")
+
+
+def _check_out_dir(out: Path, force: bool) -> Path | None:
+    """Validate --out before anything is written; returns the run that --force will replace.
+
+    Without --force only a new or empty directory is accepted. With --force the new run
+    trains in OUT.partial and replaces OUT only once it has finished, so a crash, a divergence
+    or Ctrl-C in the new run leaves the earlier run whole.
+    """
+    from jaxmlp import checkpoint as ckpt
+
+    shown = str(out)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {shown!r} is a file; choose a directory path")
+    if not out.exists():
+        parent = next(p for p in out.absolute().parents if p.exists())
+        if not parent.is_dir():
+            raise RunError(f"cannot create --out {shown!r}: {str(parent)!r} is a file; choose "
+                           "another --out")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise RunError(f"cannot create --out {shown!r}: no permission to write in "
+                           f"{str(parent)!r}; choose another --out")
+        return None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise RunError(f"cannot write in --out {shown!r} (permission denied); choose another "
+                       "--out")
+    if not any(out.iterdir()):
+        return None
+    is_run = (out / ckpt.SPEC_FILE).is_file()
+    if not is_run:
+        raise RunError(f"--out {shown!r} is not empty and holds no jaxmlp run (no "
+                       f"{ckpt.SPEC_FILE}); choose a new or empty directory")
+    if not force:
+        if ckpt.is_finished(out):
+            raise RunError(f"--out {shown!r} already holds a finished run; pass --force to "
+                           "replace it (once the new run finishes) or choose another --out")
+        raise RunError(f"--out {shown!r} holds an unfinished run; continue it with --resume "
+                       f"{shown}, replace it with --force, or choose another --out")
+    ckpt.check_unlocked(out)
+    staging = _staging_dir(out)
+    if staging.exists():
+        if not staging.is_dir() or (any(staging.iterdir())
+                                    and not (staging / ckpt.SPEC_FILE).is_file()):
+            raise RunError(f"{str(staging)!r} is in the way (a --force run trains there first); "
+                           "move it away")
+        ckpt.check_unlocked(staging)
+    return out
+
+
+def _check_report_dir(out: Path, force: bool) -> None:
+    """--out of a command that writes results (not a run): new, empty, or --force.
+
+    Such commands write their files only at the end, each atomically, so an earlier result
+    stays whole until a new one has been computed.
+    """
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {str(out)!r} is a file; choose a directory path")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise RunError(f"--out {str(out)!r} already holds a run; pass --force to overwrite it "
+        raise RunError(f"--out {str(out)!r} is not empty; pass --force to overwrite its results "
                        "or choose another --out")
+
+
+def _schedule(args, default):
+    """--lr/--lr-boundaries over the stage's default; a single --lr alone is a constant rate."""
+    from jaxmlp.stages import Schedule
+
+    if args.lr is None:
+        rates = default.learning_rates
+        bounds = default.boundaries if args.lr_boundaries is None else args.lr_boundaries
+    else:
+        rates = args.lr
+        bounds = args.lr_boundaries
+        if bounds is None:
+            bounds = () if len(rates) == 1 else default.boundaries
+    if len(rates) != len(bounds) + 1:
+        raise ConfigError(f"the schedule has {len(rates)} rate(s) (--lr) and {len(bounds)} "
+                          "boundary step(s) (--lr-boundaries); give one more rate than "
+                          "boundaries, e.g. --lr 0.1,0.01 --lr-boundaries 100000")
+    return Schedule(tuple(rates), tuple(bounds))
+
+
+def _new_run(args):
+    """Validate every option of a new run, then build it; nothing is written here."""
+    import jax
+    import numpy as np
+
+    from jaxmlp import checkpoint as ckpt
+    from jaxmlp.data import load_dataset
+    from jaxmlp.stages import SCHEDULES, check_stage, make_model
+    from jaxmlp.train import TrainConfig, create_train_state
+
+    check_stage(args.stage)
+    _check_seed(args.seed)
+    if args.checkpoint_every < 1:
+        raise ConfigError(f"--checkpoint-every must be a positive number of steps, got "
+                          f"{args.checkpoint_every}")
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size,
+                         schedule=_schedule(args, SCHEDULES[args.stage]),
+                         optimizer=args.optimizer, chunk=args.checkpoint_every)
+    # The sizes, before the (slower) data: a module is only a description until init.
+    sized = make_model(args.stage, 1, block_size=args.block_size, n_embd=args.n_embd,
+                       n_hidden=args.n_hidden)
+    config.validate(batchnorm=sized.batchnorm)
+    if args.torch_stream:
+        from jaxmlp.torch_bridge import import_torch
+
+        import_torch()  # fail before anything else when torch is missing
+    out = Path(args.out or f"runs/{args.stage}-{'torch' if args.torch_stream else f's{args.seed}'}")
+    replaces = _check_out_dir(out, args.force)
+    data = load_dataset(args.data, block_size=args.block_size)
+    model = make_model(args.stage, data.vocab.size, block_size=args.block_size,
+                       n_embd=args.n_embd, n_hidden=args.n_hidden)
+    _check_sizes(model, config, len(data.train.Y))
+    spec = ckpt.RunSpec(args.stage, args.seed, model, config, data.vocab, str(args.data),
+                        torch_stream=args.torch_stream)
+    if args.torch_stream:  # the PyTorch lecture's initial tensors and minibatches
+        from jaxmlp.torch_bridge import lecture_stream
+
+        state, batch_ix = lecture_stream(model, config, len(data.train.X))
+    else:
+        state, batch_ix = create_train_state(jax.random.key(args.seed), model, config), None
+    return dict(spec=spec, data=data, state=state, batch_ix=batch_ix,
+                losses=np.zeros(0, np.float32),
+                data_sha256=ckpt.file_sha256(args.data), out=out,
+                workdir=out if replaces is None else _staging_dir(out),
+                replaces="" if replaces is None else str(replaces.absolute()))
+
+
+MAX_PARAMS = 1 << 28  # 1 GiB of float32 parameters, before gradients and optimizer state
+
+
+def _check_sizes(model, config, n_train: int) -> None:
+    """Refuse sizes that could only end in an out-of-memory crash."""
+    v, t, e, h = model.vocab_size, model.block_size, model.n_embd, model.n_hidden
+    n_params = v * e + t * e * h + 3 * h + h * v + v  # an upper bound over the stages
+    n_params += getattr(model, "depth", 0) * (h * h + 3 * h)  # DeepMLP's hidden blocks
+    if n_params > MAX_PARAMS:
+        raise ConfigError(f"the model would have about {n_params:,} parameters (at most "
+                          f"{MAX_PARAMS:,}); use a smaller --n-hidden, --n-embd or --block-size")
+    if config.batch_size > n_train:
+        raise ConfigError(f"batch size {config.batch_size:,} is larger than the training set "
+                          f"({n_train:,} examples); use a smaller --batch-size")
+
+
+def _resumed_run(args):
+    """Validate a --resume and load its checkpoint; nothing is written here."""
+    import dataclasses
+
+    from jaxmlp import checkpoint as ckpt
+    from jaxmlp.data import load_dataset
+    from jaxmlp.errors import DataError
+
+    conflicts = sorted(set(getattr(args, "given", ())) - RESUME_OPTIONS - {"command", "func"})
+    if conflicts:
+        flags = ", ".join("--" + c.replace("_", "-") for c in conflicts)
+        raise ConfigError(f"--resume continues a run with its own saved settings; drop "
+                          f"{flags} (to change settings, start a new run instead)")
+    run = Path(args.resume)
+    ck = ckpt.load_checkpoint(run)
+    spec = ck.spec
+    if ck.step >= spec.train.steps and ckpt.is_finished(run):
+        hint = ""
+        if _staging_dir(run).is_dir():
+            hint = f"; an interrupted --force run is in {str(_staging_dir(run))!r}: resume that"
+        raise RunError(f"run {str(run)!r} already finished ({spec.train.steps:,} steps), nothing "
+                       f"to resume; use `jaxmlp eval --run {run}`{hint}")
+    if ck.losses.size != ck.step:
+        raise RunError(f"checkpoint of {str(run)!r} has no loss history, so it cannot be "
+                       "resumed exactly; train the run again with --force")
+    if "checkpoint_every" in getattr(args, "given", ()):
+        if args.checkpoint_every < 1:
+            raise ConfigError(f"--checkpoint-every must be a positive number of steps, got "
+                              f"{args.checkpoint_every}")
+        spec = dataclasses.replace(spec, train=dataclasses.replace(
+            spec.train, chunk=args.checkpoint_every))
+    data_path = args.data if "data" in getattr(args, "given", ()) else Path(spec.data)
+    data = load_dataset(data_path, block_size=spec.model.block_size, vocab=spec.vocab)
+    sha = ckpt.file_sha256(data_path)
+    if ck.data_sha256 and sha != ck.data_sha256:
+        raise DataError(f"data file {str(data_path)!r} is not the one run {str(run)!r} was "
+                        "trained on (its SHA-256 differs); pass --data with the original file")
+    ckpt.check_unlocked(run)
+    spec = dataclasses.replace(spec, data=str(data_path))
+    batch_ix = None
+    if spec.torch_stream:  # the whole stream again: fit indexes it by absolute step
+        from jaxmlp.torch_bridge import lecture_stream
+
+        batch_ix = lecture_stream(spec.model, spec.train, len(data.train.X))[1]
+    return dict(spec=spec, data=data, state=ck.state, batch_ix=batch_ix, losses=ck.losses,
+                data_sha256=sha,
+                out=Path(ck.replaces) if ck.replaces else run, workdir=run,
+                replaces=ck.replaces)
 
 
 def cmd_train(args) -> int:
@@ -50,61 +254,125 @@ def cmd_train(args) -> int:
     import numpy as np
 
     from jaxmlp import checkpoint as ckpt
-    from jaxmlp.data import load_dataset
+    from jaxmlp.errors import DivergenceError
     from jaxmlp.evaluate import calibrate, split_losses
     from jaxmlp.plot import plot_loss
-    from jaxmlp.stages import SCHEDULES, Schedule, check_stage, make_model
-    from jaxmlp.train import TrainConfig, create_train_state, fit
+    from jaxmlp.train import _smaller_lr_flag, fit
 
-    check_stage(args.stage)
-    default = SCHEDULES[args.stage]
-    schedule = Schedule(args.lr or default.learning_rates,
-                        default.boundaries if args.lr_boundaries is None else args.lr_boundaries)
-    data = load_dataset(args.data, block_size=args.block_size)
-    model = make_model(args.stage, data.vocab.size, block_size=args.block_size,
-                       n_embd=args.n_embd, n_hidden=args.n_hidden)
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, schedule=schedule,
-                         optimizer=args.optimizer).validate(batchnorm=model.batchnorm)
-    out = Path(args.out or f"runs/{args.stage}-s{args.seed}")
-    _check_out_dir(out, args.force)
+    # Validate everything before writing anything: a bad option leaves every file as it was.
+    run = _resumed_run(args) if args.resume is not None else _new_run(args)
+    spec, data, state, prior = run["spec"], run["data"], run["state"], run["losses"]
+    model, config, workdir, out = spec.model, spec.train, run["workdir"], run["out"]
+    start = int(state.step)
 
-    state = create_train_state(jax.random.key(args.seed), model, config)
-    n_params = sum(int(x.size) for x in jax.tree.leaves(state.params))
-    print(f"stage {args.stage}: {n_params:,} parameters, {config.steps:,} steps, "
-          f"seed {args.seed}, on {jax.devices()[0].platform}")
-    result = fit(state, *data.train, model, config, progress=not args.quiet)
-    variables = result.state.variables
-    losses = split_losses(model, variables, data)
-    metrics = {
-        "stage": args.stage, "seed": args.seed, "steps": config.steps, "params": n_params,
-        **losses,
-        "seconds": result.seconds, "compile_seconds": result.compile_seconds,
-        "us_per_step": (result.seconds - result.compile_seconds) / config.steps * 1e6,
-        "step_losses": {str(i): float(result.losses[i]) for i in range(0, config.steps, 10_000)},
-        "backend": jax.devices()[0].platform, "jax": jax.__version__,
-        "machine": platform.machine(), "date": datetime.date.today().isoformat(),
-    }
-    if model.batchnorm:
-        metrics["calibrated"] = split_losses(
-            model, calibrate(variables, data.train.X, model=model), data)
-    spec = ckpt.RunSpec(args.stage, args.seed, model, config, data.vocab, str(args.data))
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt.save_run(out, spec, result.state)
-    ckpt.write_json(out / ckpt.METRICS_FILE, metrics)
-    np.save(out / "losses.npy", result.losses)  # every step's minibatch loss
-    plot_loss(result.losses, out / "loss.png", title=f"{args.stage}, seed {args.seed}")
-    print(f"train {losses['train']:.4f}  val {losses['val']:.4f}  test {losses['test']:.4f}  "
-          f"({result.seconds:.1f} s, {metrics['us_per_step']:.1f} us/step)")
-    print(f"wrote {out}/ (metrics.json, checkpoint.msgpack, loss.png)")
+    def save(state, losses):
+        nonlocal saved_step
+        ckpt.save_checkpoint(workdir, spec, state, losses, run["data_sha256"], run["replaces"])
+        saved_step = int(state.step)
+
+    if args.resume is None:
+        if run["replaces"] and workdir.exists():  # an earlier --force run that did not finish
+            with ckpt.run_lock(workdir):
+                shutil.rmtree(workdir)
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"cannot create run directory {str(workdir)!r} ({e.strerror}); "
+                           "choose another --out") from None
+    with ckpt.run_lock(workdir):
+        try:
+            ckpt.write_json(workdir / ckpt.SPEC_FILE, spec.to_json())
+        except OSError as e:
+            raise RunError(f"cannot write in {str(workdir)!r} ({e.strerror}); choose another "
+                           "--out or free space") from None
+        saved_step = start
+        if args.resume is None:
+            save(state, prior)  # step 0: the directory is a resumable run from the start
+
+        n_params = sum(int(x.size) for x in jax.tree.leaves(state.params))
+        where = (f"resuming {workdir} at step {start:,}" if args.resume else
+                 "the lecture torch stream" if spec.torch_stream else f"seed {spec.seed}")
+        print(f"stage {spec.stage}: {n_params:,} parameters, {config.steps:,} steps, {where}, "
+              f"on {jax.devices()[0].platform}")
+        try:
+            result = fit(state, *data.train, model, config, batch_ix=run["batch_ix"],
+                         progress=not args.quiet,
+                         on_chunk=lambda s, losses: save(s, np.concatenate([prior, losses])))
+        except DivergenceError as e:
+            raise DivergenceError(f"{e} (the last good checkpoint, step {saved_step:,}, is kept "
+                                  f"in {workdir})", step=e.step) from None
+        except KeyboardInterrupt:
+            print(f"jaxmlp train: interrupted; the last checkpoint (step {saved_step:,}) is in "
+                  f"{workdir}: continue with `jaxmlp train --resume {workdir}`", file=sys.stderr)
+            return 130
+        losses = np.concatenate([prior, result.losses])
+        variables = result.state.variables
+        split = split_losses(model, variables, data)
+        bad = [k for k, v in split.items() if not np.isfinite(v)]
+        if bad:  # finite but enormous weights: the training loss hid the divergence
+            raise DivergenceError(
+                f"training diverged: the final {bad[0]} loss is {split[bad[0]]}; lower the "
+                f"learning rate (e.g. {_smaller_lr_flag(config)}) and train again with --force")
+        steps_run = config.steps - start
+        metrics = {
+            "stage": spec.stage, "seed": spec.seed, "steps": config.steps, "params": n_params,
+            "torch_stream": spec.torch_stream, **split,
+            "seconds": result.seconds, "compile_seconds": result.compile_seconds,
+            "us_per_step": ((result.seconds - result.compile_seconds) / steps_run * 1e6
+                            if steps_run else None),
+            "step_losses": {str(i): float(losses[i]) for i in range(0, config.steps, 10_000)},
+            "backend": jax.devices()[0].platform, "jax": jax.__version__,
+            "machine": platform.machine(), "date": datetime.date.today().isoformat(),
+        }
+        if start:
+            metrics["resumed_from_step"] = start
+        if model.batchnorm:
+            metrics["calibrated"] = split_losses(
+                model, calibrate(variables, data.train.X, model=model), data)
+        try:
+            ckpt.write_atomic(workdir / ckpt.LOSSES_FILE, _npy_bytes(losses))
+            plot_loss(losses, workdir / ckpt.PLOT_FILE,
+                      title=f"{spec.stage}, seed {spec.seed}")
+            ckpt.write_json(workdir / ckpt.METRICS_FILE, metrics)  # last: marks it finished
+        except OSError as e:
+            raise RunError(f"cannot write the results in {str(workdir)!r} ({e.strerror or e}); "
+                           f"the final checkpoint is saved: free space, then `jaxmlp train "
+                           f"--resume {workdir}`") from None
+    if run["replaces"]:
+        ckpt.replace_dir(workdir, out)
+    print(f"train {split['train']:.4f}  val {split['val']:.4f}  test {split['test']:.4f}  "
+          f"({result.seconds:.1f} s"
+          + (f", {metrics['us_per_step']:.1f} us/step)" if steps_run else ")"))
+    print(f"wrote {out}/ (metrics.json, checkpoint.msgpack, losses.npy, loss.png)")
     return 0
 
 
+def _npy_bytes(array) -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def _load_for_use(run: Path):
+    """(spec, state) of a run for eval/sample; an unfinished run is used with a note."""
+    from jaxmlp import checkpoint as ckpt
+
+    ck = ckpt.load_checkpoint(run)
+    if not ckpt.is_finished(run):
+        print(f"note: {run} is unfinished (step {ck.step:,} of {ck.spec.train.steps:,}); using "
+              "its last checkpoint", file=sys.stderr)
+    return ck.spec, ck.state
+
+
 def cmd_eval(args) -> int:
-    from jaxmlp.checkpoint import load_run
     from jaxmlp.data import load_dataset
     from jaxmlp.evaluate import calibrate, split_losses
 
-    spec, state = load_run(args.run)
+    spec, state = _load_for_use(args.run)
     data = load_dataset(args.data or spec.data, block_size=spec.model.block_size,
                         vocab=spec.vocab)
     variables = state.variables
@@ -118,12 +386,12 @@ def cmd_eval(args) -> int:
 def cmd_sample(args) -> int:
     import jax
 
-    from jaxmlp.checkpoint import load_run
     from jaxmlp.evaluate import sample_names
 
-    if args.n < 1:
-        raise ConfigError(f"-n must be a positive integer, got {args.n}")
-    spec, state = load_run(args.run)
+    if not 1 <= args.n <= MAX_SAMPLES:
+        raise ConfigError(f"-n must be a number of names from 1 to {MAX_SAMPLES:,}, got {args.n}")
+    _check_seed(args.seed)
+    spec, state = _load_for_use(args.run)
     variables = state.variables
     for name in sample_names(spec.model, variables, spec.vocab, jax.random.key(args.seed),
                              num=args.n):
@@ -181,6 +449,31 @@ def cmd_diagnose(args) -> int:
     return 0
 
 
+def cmd_reproduce(args) -> int:
+    from jaxmlp.data import load_dataset
+    from jaxmlp.reproduce import markdown_report, reproduce, write_report
+
+    if args.steps < 1:
+        raise ConfigError(f"--steps must be a positive integer, got {args.steps}")
+    out = Path(args.out or ("runs/reproduce-torch" if args.torch_stream else
+                            f"runs/reproduce-s{args.seed}"))
+    _check_report_dir(out, args.force)
+    if args.torch_stream:
+        from jaxmlp.torch_bridge import import_torch
+
+        import_torch()  # fail before training, not after the first stage
+    data = load_dataset(args.data)
+    results = reproduce(data, stages=args.stages, steps=args.steps,
+                        torch_stream=args.torch_stream, seed=args.seed,
+                        log=None if args.quiet else print)
+    json_path, md_path = write_report(out, results, steps=args.steps,
+                                      torch_stream=args.torch_stream, seed=args.seed)
+    print(markdown_report(results, steps=args.steps, torch_stream=args.torch_stream,
+                          seed=args.seed))
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
 def build_parser() -> Parser:
     from jaxmlp.data import DEFAULT_DATA
     from jaxmlp.stages import stage_names
@@ -195,7 +488,8 @@ def build_parser() -> Parser:
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--data", type=Path, default=DEFAULT_DATA, help="names file, one per line")
     t.add_argument("--out", type=Path, help="run directory (default runs/<stage>-s<seed>)")
-    t.add_argument("--force", action="store_true", help="overwrite an existing run in --out")
+    t.add_argument("--force", action="store_true",
+                   help="replace an existing run in --out (only once the new run has finished)")
     t.add_argument("--lr", type=_float_list, help="learning rates, e.g. 0.1,0.01")
     t.add_argument("--lr-boundaries", type=_int_list, help="steps where the rate drops, e.g. "
                    "100000")
@@ -204,6 +498,13 @@ def build_parser() -> Parser:
     t.add_argument("--n-embd", type=int, default=10, help="embedding size")
     t.add_argument("--n-hidden", type=int, help="hidden units (default: the stage's, 200 or 100)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--torch-stream", action="store_true",
+                   help="start from the PyTorch lecture's initial tensors and take its "
+                   "minibatches (needs torch; --seed is then unused)")
+    t.add_argument("--checkpoint-every", type=int, default=10_000, metavar="N",
+                   help="save the whole training state every N steps (default 10000)")
+    t.add_argument("--resume", type=Path, metavar="DIR",
+                   help="continue the run in DIR from its last checkpoint, with its own settings")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="print the split losses of a saved run")
@@ -236,11 +537,42 @@ def build_parser() -> Parser:
     g.add_argument("--threshold", type=float,
                    help="saturation threshold of |tanh| (default 0.97 deep, 0.99 shallow)")
     g.set_defaults(func=cmd_diagnose)
+
+    r = sub.add_parser("reproduce", help="train all five stages, write DIR/reproduce.json and "
+                       "DIR/reproduce.md beside the lecture's PyTorch figures")
+    r.add_argument("--torch-stream", action="store_true",
+                   help="the PyTorch lecture's initial tensors and minibatches (needs torch)")
+    r.add_argument("--steps", type=int, default=200_000)
+    r.add_argument("--seed", type=int, default=0, help="JAX seed (without --torch-stream)")
+    r.add_argument("--stages", type=lambda text: [x for x in text.split(",") if x],
+                   help=f"comma-separated subset (default all: {','.join(stage_names())})")
+    r.add_argument("--data", type=Path, default=DEFAULT_DATA, help="names file, one per line")
+    r.add_argument("--out", type=Path, help="output directory (default runs/reproduce-torch "
+                   "or runs/reproduce-s<seed>)")
+    r.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    r.add_argument("--quiet", action="store_true", help="print only the final table")
+    r.set_defaults(func=cmd_reproduce)
     return p
 
 
+def _given_options(argv: list[str]) -> set[str]:
+    """The options typed on the command line: argparse alone cannot tell `--steps 200000` from
+    the default. Parses again with every default suppressed."""
+    parser = build_parser()
+    parsers = [parser]
+    while parsers:
+        p = parsers.pop()
+        for action in p._actions:
+            action.default = argparse.SUPPRESS
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+    return set(vars(parser.parse_known_args(argv)[0]))
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.given = _given_options(argv)
     try:
         return args.func(args)
     except JaxmlpError as e:

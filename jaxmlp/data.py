@@ -9,6 +9,7 @@ blank lines skipped. A saved run keeps its vocabulary, so text it cannot encode 
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +17,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from jaxmlp.errors import DataError
+from jaxmlp.errors import ConfigError, DataError
 
 END = "."  # token 0: start padding and end of name
 MAX_NAME_LENGTH = 256  # longer lines mean the file is not a list of names
+MAX_FILE_BYTES = 1 << 30  # 1 GiB: far beyond any list of names; refuse before reading it
 # The bundled file: beside the package in a checkout (editable install), else ./data.
 _REPO_DATA = Path(__file__).resolve().parent.parent / "data" / "names.txt"
 DEFAULT_DATA = _REPO_DATA if _REPO_DATA.exists() else Path("data") / "names.txt"
@@ -39,7 +41,7 @@ class Vocab:
     def size(self) -> int:
         return len(self.chars)
 
-    @property
+    @functools.cached_property  # built once, not once per encoded name
     def stoi(self) -> dict[str, int]:
         return {c: i for i, c in enumerate(self.chars)}
 
@@ -86,23 +88,41 @@ class Dataset(NamedTuple):
 
 
 def load_words(path: str | Path = DEFAULT_DATA) -> list[str]:
-    """Read a names file: one name per line, UTF-8; raises DataError with the fix."""
+    """Read a names file: one name per line, UTF-8 (a byte-order mark is allowed).
+
+    Raises DataError, naming the problem and the fix, for a path that is missing, a directory,
+    a device, unreadable, too large, not UTF-8, without names, or with a line that is not a name.
+    """
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"data file {str(path)!r} does not exist; pass --data PATH to a names file")
+    shown = str(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise DataError(f"data file {shown!r} does not exist; pass --data PATH to a names file "
+                        "(one name per line)") from None
+    except OSError as e:  # e.g. a path through a file, a name too long, no permission
+        raise DataError(f"cannot open data file {shown!r} ({e.strerror}); "
+                        "pass --data PATH to a readable names file") from None
     if path.is_dir():
-        raise DataError(f"data path {str(path)!r} is a directory; pass --data PATH to a file")
+        raise DataError(f"data path {shown!r} is a directory; pass --data PATH to a file inside "
+                        "it (one name per line)")
+    if path.is_file() and st.st_size > MAX_FILE_BYTES:
+        raise DataError(f"data file {shown!r} is {st.st_size / 2**20:,.0f} MiB, more than any "
+                        f"names file ({MAX_FILE_BYTES >> 20:,} MiB at most); check --data")
+    if not (path.is_file() or path.is_fifo()):  # /dev/zero would never end
+        raise DataError(f"data path {shown!r} is not a regular file; pass --data PATH to a "
+                        "names file")
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise DataError(
-            f"cannot read data file {str(path)!r} ({e.strerror}); check its permissions"
+            f"cannot read data file {shown!r} ({e.strerror}); check its permissions"
         ) from None
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # tolerate the BOM some Windows editors write
     except UnicodeDecodeError as e:
         raise DataError(
-            f"data file {str(path)!r} is not UTF-8 text (byte {e.start}); save it as UTF-8"
+            f"data file {shown!r} is not UTF-8 text (byte {e.start}); save it as UTF-8"
         ) from None
     words = []
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -122,14 +142,14 @@ def load_words(path: str | Path = DEFAULT_DATA) -> list[str]:
             )
         words.append(word)
     if not words:
-        raise DataError(f"data file {str(path)!r} has no names; put one name per line")
+        raise DataError(f"data file {shown!r} has no names (it is empty or blank); put one name "
+                        "per line")
     return words
 
 
 def build_examples(words: list[str], vocab: Vocab, block_size: int) -> Split:
     """Every name gives len(name)+1 examples: the `block_size` previous tokens -> next token."""
-    if block_size < 1:
-        raise DataError(f"block_size must be at least 1, got {block_size}")
+    _check_block_size(block_size)
     X, Y = [], []
     for w in words:
         context = [0] * block_size
@@ -156,12 +176,23 @@ def split_words(words: list[str], seed: int = 42) -> tuple[list[str], list[str],
 def load_dataset(
     path: str | Path = DEFAULT_DATA, block_size: int = 3, vocab: Vocab | None = None
 ) -> Dataset:
-    """Names file -> Dataset (182,625 / 22,655 / 22,866 examples for the bundled file)."""
+    """Names file -> Dataset (182,625 / 22,655 / 22,866 examples for the bundled file).
+
+    With `vocab` (a saved run's), every character of the file must be in it.
+    """
+    _check_block_size(block_size)
     words = load_words(path)
     if len(words) < 10:
         raise DataError(
             f"data file {str(path)!r} has {len(words)} names; the 80/10/10 split needs at least 10"
         )
+    if vocab is not None:
+        missing = sorted(set("".join(words)) - set(vocab.chars[1:]))
+        if missing:
+            raise DataError(
+                f"data file {str(path)!r} uses {_shorten(''.join(missing))!r}, which the run's "
+                f"vocabulary {_shorten(''.join(vocab.chars[1:]))!r} lacks; pass --data with a "
+                "names file in the run's characters")
     vocab = vocab or Vocab.from_words(words)
     state = random.getstate()
     try:
@@ -175,3 +206,16 @@ def load_dataset(
         build_examples(va, vocab, block_size),
         build_examples(te, vocab, block_size),
     )
+
+
+def _check_block_size(block_size) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ConfigError(f"block_size must be a positive integer, got {block_size!r}")
+    if block_size > MAX_NAME_LENGTH + 1:  # longer contexts are only padding, and memory
+        raise ConfigError(f"block_size must be at most {MAX_NAME_LENGTH + 1} (names have at most "
+                          f"{MAX_NAME_LENGTH} characters), got {block_size}")
+
+
+def _shorten(text: str, limit: int = 40) -> str:
+    """Keep error messages one readable line however large a vocabulary is."""
+    return text if len(text) <= limit else text[:limit] + "..."

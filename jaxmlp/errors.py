@@ -3,6 +3,8 @@
 The CLI prints `jaxmlp: error: <message>` for any `JaxmlpError` and exits with code 2.
 """
 
+from __future__ import annotations
+
 
 class JaxmlpError(Exception):
     """Base class of every error jaxmlp raises on purpose."""
@@ -21,4 +23,8 @@ class RunError(JaxmlpError):
 
 
 class DivergenceError(JaxmlpError):
-    """Training produced a non-finite loss."""
+    """Training produced a non-finite loss (or parameters); `step` is the first bad step."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step

@@ -31,6 +31,8 @@ from flax import struct
 from jaxmlp.errors import ConfigError, DivergenceError
 from jaxmlp.stages import Schedule
 
+MAX_STEPS = 2**31 - 1  # TrainState.step is int32
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -43,15 +45,17 @@ class TrainConfig:
     chunk: int = 10_000  # steps per compiled call: one host round trip per chunk
 
     def validate(self, batchnorm: bool = False) -> TrainConfig:
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ConfigError(f"steps must be a positive integer, got {self.steps!r}")
+        if not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
+            raise ConfigError(f"steps must be a positive integer up to {MAX_STEPS:,} (the step "
+                              f"counter is int32), got {self.steps!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"batch size must be a positive integer, got {self.batch_size!r}")
         if batchnorm and self.batch_size < 2:
             raise ConfigError("batch size 1 leaves batch norm's unbiased std undefined; "
                               "use --batch-size 2 or more")
-        if self.chunk < 1:
-            raise ConfigError(f"chunk must be a positive integer, got {self.chunk!r}")
+        if not isinstance(self.chunk, int) or self.chunk < 1:
+            raise ConfigError(f"chunk (steps per compiled call and per checkpoint, "
+                              f"--checkpoint-every) must be a positive integer, got {self.chunk!r}")
         lrs, bounds = self.schedule.learning_rates, self.schedule.boundaries
         if len(lrs) != len(bounds) + 1:
             raise ConfigError(f"a schedule needs one more learning rate than boundaries, got "
@@ -181,14 +185,27 @@ class FitResult:
 
 def fit(state: TrainState, X, Y, model: nn.Module, config: TrainConfig, *,
         batch_ix: np.ndarray | None = None, log_every: int = 10_000,
-        log: Callable[[str], None] | None = print, progress: bool = True) -> FitResult:
+        log: Callable[[str], None] | None = print, progress: bool = True,
+        on_chunk: Callable[[TrainState, np.ndarray], None] | None = None) -> FitResult:
     """Train from `state` to `config.steps` in compiled chunks (the host only logs).
 
     Prints the lecture's `      0/ 200000: 3.3239` line every `log_every` steps and raises
-    DivergenceError (naming the step) if a loss stops being finite.
+    DivergenceError (naming the step) if a loss, or after a chunk any parameter, optimizer or
+    batch-norm statistic, stops being finite.
+
+    Chunks end at the multiples of `config.chunk` (and at `config.steps`), whatever step
+    `state` starts from, so a resumed run checkpoints at the same steps as an uninterrupted one.
+    The minibatch of step i depends only on (key, i), so chunking never changes the numbers.
+
+    on_chunk(state, losses): called after every chunk that is entirely finite, with the new
+        state and this call's minibatch losses so far ((state.step - start,) float32); this is
+        where checkpoints are written. A chunk that diverges never reaches it, so the last
+        state it saw is the last good one. The state's buffers are donated to the next chunk:
+        copy (e.g. serialise) what you keep before returning.
     """
     from tqdm.auto import tqdm
 
+    config.validate(batchnorm=getattr(model, "batchnorm", False))
     X, Y = jnp.asarray(X), jnp.asarray(Y)
     start = int(state.step)
     losses = []
@@ -205,25 +222,57 @@ def fit(state: TrainState, X, Y, model: nn.Module, config: TrainConfig, *,
         compile_seconds += time.perf_counter() - tc
         return exe
 
+    @functools.cache
+    def finite_check():  # compiled once, and counted as compilation like the chunks
+        nonlocal compile_seconds
+        tc = time.perf_counter()
+        exe = _all_finite.lower((state.params, state.batch_stats, state.opt_state)).compile()
+        compile_seconds += time.perf_counter() - tc
+        return exe
+
     bar = tqdm(total=config.steps, initial=start, disable=not progress, unit="step",
                mininterval=0.5, leave=False)
     emit = bar.write if progress else log  # log lines above the bar, not through it
-    for s in range(start, config.steps, config.chunk):
-        n = min(config.chunk, config.steps - s)
+    s = start
+    while s < config.steps:
+        n = min(config.chunk - s % config.chunk, config.steps - s)
         ix = None if batch_ix is None else jnp.asarray(batch_ix[s:s + n])
         state, chunk_losses = compiled(n)(state, X, Y, ix)
         chunk_losses = np.asarray(chunk_losses)  # the one host sync per chunk
         bad = np.flatnonzero(~np.isfinite(chunk_losses))
         if bad.size:
+            bar.close()
             raise DivergenceError(
-                f"loss became {chunk_losses[bad[0]]} at step {s + bad[0]}; "
-                "lower the learning rate (e.g. --lr 0.05) or check the initialisation")
+                f"loss became {chunk_losses[bad[0]]} at step {s + bad[0]}; lower the learning "
+                f"rate (e.g. {_smaller_lr_flag(config)}) or check the initialisation",
+                step=int(s + bad[0]))
+        if not bool(finite_check()((state.params, state.batch_stats, state.opt_state))):
+            bar.close()
+            raise DivergenceError(
+                f"parameters became non-finite by step {s + n}; lower the learning rate "
+                f"(e.g. {_smaller_lr_flag(config)}) or check the initialisation", step=s + n)
         losses.append(chunk_losses)
         if log is not None:
             for i in range(-(-s // log_every) * log_every, s + n, log_every):
                 emit(f"{i:7d}/{config.steps:7d}: {chunk_losses[i - s]:.4f}")
+        s += n
+        if on_chunk is not None:
+            on_chunk(state, np.concatenate(losses))
         bar.update(n)
     bar.close()
     seconds = time.perf_counter() - t0
     all_losses = np.concatenate(losses) if losses else np.zeros(0, np.float32)
     return FitResult(state, all_losses, seconds, compile_seconds)
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    """() bool: every float leaf of `tree` is finite (one small reduction per chunk)."""
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
+
+
+def _smaller_lr_flag(config: TrainConfig) -> str:
+    """The `--lr` flag with every rate of the schedule divided by 10."""
+    return "--lr " + ",".join(f"{lr / 10:g}" for lr in config.schedule.learning_rates)

@@ -7,3 +7,42 @@ from jaxmlp.data import load_dataset
 def names_data():
     """The bundled names file, block_size 3 (loaded once per session)."""
     return load_dataset()
+
+
+# Shared by tests/test_reliability.py and tests/test_cli_errors.py.
+TINY_RUN_ARGS = ["--steps", "3000", "--checkpoint-every", "1000", "--n-hidden", "16", "--quiet"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run_args():
+    return list(TINY_RUN_ARGS)
+
+
+@pytest.fixture(scope="session")
+def cli_env(tmp_path_factory):
+    """Environment for `python -m jaxmlp` subprocesses: one persistent compilation cache, so
+    only the first subprocess pays for XLA compilation."""
+    import os
+    from pathlib import Path
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep)
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax-cache"))
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, cli_env):
+    """A finished, uninterrupted `jaxmlp train` run (3,000 steps, checkpoints every 1,000),
+    trained in its own process. Copy it before changing anything in it."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    subprocess.run([sys.executable, "-m", "jaxmlp", "train", *TINY_RUN_ARGS, "--out", str(out)],
+                   env=cli_env, check=True, capture_output=True, timeout=600)
+    return out

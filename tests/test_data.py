@@ -47,7 +47,7 @@ def test_context_windows():
 
 def test_encode_decode_round_trip(names_data):
     v = names_data.vocab
-    assert v.decode(v.encode("olivia") + [0, 5, 6]) == "olivia"
+    assert v.decode([*v.encode("olivia"), 0, 5, 6]) == "olivia"
     with pytest.raises(DataError, match="not in this vocabulary"):
         v.encode("zoë")
 

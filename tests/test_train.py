@@ -46,7 +46,7 @@ def short_run(names_data):
 
 
 def test_short_run_lowers_the_loss_and_updates_running_stats(short_run, names_data):
-    model, config, state0, result = short_run
+    model, _config, _state0, result = short_run
     assert result.losses.shape == (1500,) and np.isfinite(result.losses).all()
     assert int(result.state.step) == 1500
     assert result.losses[-200:].mean() < result.losses[:50].mean() - 0.5
@@ -60,7 +60,7 @@ def test_short_run_lowers_the_loss_and_updates_running_stats(short_run, names_da
 
 
 def test_chunking_does_not_change_the_run(short_run, names_data):
-    model, config, state0, result = short_run
+    model, config, _state0, result = short_run
     state = create_train_state(jax.random.key(0), model, config)
     other = fit(state, *names_data.train, model, TrainConfig(steps=1500, chunk=700), log=None,
                 progress=False)
