@@ -421,7 +421,7 @@ def cmd_diagnose(args) -> int:
     stats_every = args.stats_every
     diag.check_intervals(args.steps, args.every, stats_every)
     out = Path(args.out or f"runs/diagnose-{args.stage}-s{args.seed}")
-    _check_out_dir(out, args.force)
+    _check_report_dir(out, args.force)
     data = load_dataset(args.data)
     model = make_model(args.stage, data.vocab.size)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size,

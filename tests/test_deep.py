@@ -235,7 +235,7 @@ def test_cli_diagnose_refuses_bad_input_without_writing(diagnosed, capsys):
     before = (out / "diagnostics.json").read_bytes()
     assert main(["diagnose", "--stage", "deep", "--steps", "20", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "already holds a run; pass --force" in err and err.count("\n") == 1
+    assert "is not empty; pass --force" in err and err.count("\n") == 1
     assert main(["diagnose", "--steps", "20", "--every", "3", "--out", str(out / "x"),
                  "--stats-every", "0"]) == 2
     assert "--steps (20) must be a multiple of --every (3)" in capsys.readouterr().err
