@@ -143,10 +143,13 @@ def _new_run(args):
 
     from jaxmlp import checkpoint as ckpt
     from jaxmlp.data import load_dataset
-    from jaxmlp.stages import SCHEDULES, check_stage, make_model
+    from jaxmlp.stages import DEEP_STAGES, SCHEDULES, check_stage, make_model
     from jaxmlp.train import TrainConfig, create_train_state
 
     check_stage(args.stage)
+    if args.torch_stream and args.stage in DEEP_STAGES:
+        raise ConfigError(f"--torch-stream replays the lecture's shallow stages only; drop it "
+                          f"for --stage {args.stage} (JAX's own initialisation and sampler)")
     _check_seed(args.seed)
     if args.checkpoint_every < 1:
         raise ConfigError(f"--checkpoint-every must be a positive number of steps, got "
