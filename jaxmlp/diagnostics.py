@@ -268,14 +268,13 @@ def run_diagnosed(state: TrainState, X: jax.Array, Y: jax.Array,
     """
     check_intervals(num_steps, every, stats_every)
     tx = make_optimizer(config)
-
-    def minibatch(state, ix):
-        if ix is None:
-            ix = sample_batch(state.key, state.step, X.shape[0], config.batch_size)
-        return X[ix], Y[ix]
+    if batch_ix is None:  # the minibatches `run_steps` draws, for all steps at once
+        steps = state.step + jnp.arange(num_steps, dtype=jnp.int32)
+        batch_ix = jax.vmap(sample_batch, in_axes=(None, 0, None, None))(
+            state.key, steps, X.shape[0], config.batch_size)
 
     def instrumented(state, ix):
-        Xb, Yb = minibatch(state, ix)
+        Xb, Yb = X[ix], Y[ix]
         loss, batch_stats, grads = compute_grads(state, Xb, Yb, model)
         new_state, updates = apply_grads(state, grads, batch_stats, tx)
         rec = {"step": state.step, "loss": loss,
@@ -291,17 +290,17 @@ def run_diagnosed(state: TrainState, X: jax.Array, Y: jax.Array,
             rec["has_stats"] = take
         return new_state, rec
 
-    def block(state, ix):
+    def block(state, ix):  # ix (every, B)
         losses = jnp.zeros((0,), jnp.float32)
         if every > 1:
-            state, losses = run_steps(state, X, Y, None if ix is None else ix[:-1], model=model,
-                                      config=config, num_steps=every - 1)
-        state, rec = instrumented(state, None if ix is None else ix[-1])
+            state, losses = run_steps(state, X, Y, ix[:-1], model=model, config=config,
+                                      num_steps=every - 1)
+        state, rec = instrumented(state, ix[-1])
         rec["losses"] = jnp.concatenate([losses, rec.pop("loss")[None]])
         return state, rec
 
-    blocks = None if batch_ix is None else batch_ix.reshape(num_steps // every, every, -1)
-    state, trace = jax.lax.scan(block, state, blocks, length=num_steps // every)
+    blocks = batch_ix.reshape(num_steps // every, every, -1)
+    state, trace = jax.lax.scan(block, state, blocks)
     trace["losses"] = trace["losses"].reshape(-1)
     return state, trace
 
