@@ -5,7 +5,8 @@
 # (`diagnostics.diagnose`: update ratios every step, layer statistics every `--stats-every`
 # steps, and the two snapshots), each in a fresh process so that neither reuses the other's
 # compilation. Reports wall and CPU seconds, compilation included, and the ratio.
-# Then the same for the two commands end to end (`jaxmlp train` / `jaxmlp diagnose`).
+# Then the same for the two commands end to end (`jaxmlp train` / `jaxmlp diagnose`), and
+# the time per step once both loops are compiled.
 #
 #     python experiments/diagnose_overhead.py [--stage deep] [--steps 1000] [--repeat 3]
 
@@ -38,6 +39,27 @@ def measure(mode: str, stage: str, steps: int, stats_every: int) -> dict:
     config = TrainConfig(steps=steps, schedule=SCHEDULES[stage])
     state = create_train_state(jax.random.key(0), model, config)
     jax.block_until_ready(state)
+    if mode == "steady":  # once compiled: microseconds per step, best of 3
+        import jax.numpy as jnp
+
+        from jaxmlp.train import run_steps
+
+        X, Y = jnp.asarray(data.train.X), jnp.asarray(data.train.Y)
+        train = jax.jit(run_steps, static_argnames=("model", "config", "num_steps")).lower(
+            state, X, Y, None, model=model, config=config, num_steps=steps).compile()
+        diagnosed = diag.diagnose_chunk.lower(state, X, Y, model=model, config=config,
+                                              num_steps=steps).compile()
+
+        def best(f):
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                jax.block_until_ready(f())
+                times.append(time.perf_counter() - t0)
+            return min(times) / steps * 1e6
+
+        return {"train_us": best(lambda: train(state, X, Y, None)),
+                "diagnose_us": best(lambda: diagnosed(state, X, Y))}
     cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     if mode == "train":
         result = fit(state, *data.train, model, config, log=None, progress=False)
@@ -70,7 +92,7 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--stats-every", type=int, default=0)
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--child", choices=("train", "diagnose"))
+    p.add_argument("--child", choices=("train", "diagnose", "steady"))
     args = p.parse_args()
     if args.child:
         print(json.dumps(measure(args.child, args.stage, args.steps, args.stats_every)))
@@ -87,9 +109,12 @@ if __name__ == "__main__":
                 ["diagnose", "--stage", args.stage, "--steps", str(args.steps),
                  "--stats-every", str(args.stats_every), "--out", f"{tmp}/d"])})
     best = {k: {m: min(r[m] for r in v) for m in v[0]} for k, v in rows.items()}
+    steady = child("steady", args)
     print(json.dumps({"stage": args.stage, "steps": args.steps, "best_of": args.repeat,
-                      **best}, indent=1))
+                      **best, "steady": steady}, indent=1))
     print(f"in process: diagnose / train = {best['diagnose']['wall'] / best['train']['wall']:.2f}"
           f" (wall), {best['diagnose']['cpu'] / best['train']['cpu']:.2f} (cpu)")
     print(f"commands:   diagnose / train = "
           f"{best['cli diagnose']['wall'] / best['cli train']['wall']:.2f} (wall)")
+    print(f"per step:   diagnose / train = {steady['diagnose_us']:.0f} / "
+          f"{steady['train_us']:.0f} us = {steady['diagnose_us'] / steady['train_us']:.2f}")
