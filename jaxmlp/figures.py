@@ -39,11 +39,12 @@ def _centres(edges) -> np.ndarray:
 
 
 def _finish(ax, title: str, xlabel: str, ylabel: str, legend: bool = True,
-            outside: bool = False) -> None:
+            outside: bool = False, grid: bool = True) -> None:
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
+    if grid:
+        ax.grid(alpha=0.3)
     if legend and outside:  # long legends would hide the curves
         ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     elif legend:
@@ -121,7 +122,7 @@ def plot_saturation(values: dict, path, threshold: float = 0.99,
         ax.imshow(mask, cmap="gray", interpolation="nearest", aspect="auto", vmin=0, vmax=1)
         _finish(ax, f"{layer_label(name)}: |t| > {threshold}\n{100 * mask.mean():.1f}% "
                 f"saturated, {int(mask.all(0).sum())} dead units", "unit", "example",
-                legend=False)
+                legend=False, grid=False)
     return save_figure(fig, path)
 
 
