@@ -1,6 +1,7 @@
 """jaxmlp: the makemore-part-3 names MLP (activations, gradients, batch norm) in JAX/Flax.
 
 data -> models/stages -> train -> evaluate -> plot; `checkpoint` keeps runs, `cli` composes.
+`init` holds the initialisers, `diagnostics` the in-jit statistics, `figures` their plots.
 """
 
 from jaxmlp.checkpoint import (
@@ -12,10 +13,12 @@ from jaxmlp.checkpoint import (
     save_run,
 )
 from jaxmlp.data import Dataset, Split, Vocab, load_dataset, load_words
+from jaxmlp.diagnostics import diagnose, probe, run_diagnosed
 from jaxmlp.errors import ConfigError, DataError, DivergenceError, JaxmlpError, RunError
 from jaxmlp.evaluate import calibrate, eval_loss, sample_names, sample_tokens, split_losses
-from jaxmlp.models import BN_PRESETS, MLP, BatchNorm1d, BNSemantics
-from jaxmlp.stages import STAGES, Schedule, make_model
+from jaxmlp.init import calculate_gain
+from jaxmlp.models import BN_PRESETS, MLP, BatchNorm1d, BNSemantics, DeepMLP
+from jaxmlp.stages import DEEP_STAGES, STAGES, Schedule, make_model
 from jaxmlp.train import (
     TrainConfig,
     TrainState,
@@ -30,10 +33,11 @@ from jaxmlp.train import (
 
 __version__ = "0.1.0"
 __all__ = [
-    "BN_PRESETS", "MLP", "STAGES", "BNSemantics", "BatchNorm1d", "Checkpoint", "ConfigError",
-    "DataError", "Dataset", "DivergenceError", "JaxmlpError", "RunError", "RunSpec", "Schedule",
-    "Split", "TrainConfig", "TrainState", "Vocab", "calibrate", "create_train_state", "eval_loss",
-    "fit", "load_checkpoint", "load_dataset", "load_run", "load_words", "make_model",
-    "make_optimizer", "make_schedule", "run_steps", "sample_names", "sample_tokens",
+    "BN_PRESETS", "DEEP_STAGES", "MLP", "STAGES", "BNSemantics", "BatchNorm1d", "Checkpoint",
+    "ConfigError", "DataError", "Dataset", "DeepMLP", "DivergenceError", "JaxmlpError",
+    "RunError", "RunSpec", "Schedule", "Split", "TrainConfig", "TrainState", "Vocab",
+    "calculate_gain", "calibrate", "create_train_state", "diagnose", "eval_loss", "fit",
+    "load_checkpoint", "load_dataset", "load_run", "load_words", "make_model", "make_optimizer",
+    "make_schedule", "probe", "run_diagnosed", "run_steps", "sample_names", "sample_tokens",
     "save_checkpoint", "save_run", "split_losses", "train_chunk", "train_step",
 ]

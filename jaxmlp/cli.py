@@ -143,10 +143,13 @@ def _new_run(args):
 
     from jaxmlp import checkpoint as ckpt
     from jaxmlp.data import load_dataset
-    from jaxmlp.stages import SCHEDULES, STAGES, check_stage, make_model
+    from jaxmlp.stages import DEEP_STAGES, SCHEDULES, check_stage, make_model
     from jaxmlp.train import TrainConfig, create_train_state
 
     check_stage(args.stage)
+    if args.torch_stream and args.stage in DEEP_STAGES:
+        raise ConfigError(f"--torch-stream replays the lecture's shallow stages only; drop it "
+                          f"for --stage {args.stage} (JAX's own initialisation and sampler)")
     _check_seed(args.seed)
     if args.checkpoint_every < 1:
         raise ConfigError(f"--checkpoint-every must be a positive number of steps, got "
@@ -154,10 +157,10 @@ def _new_run(args):
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size,
                          schedule=_schedule(args, SCHEDULES[args.stage]),
                          optimizer=args.optimizer, chunk=args.checkpoint_every)
-    config.validate(batchnorm=STAGES[args.stage].get("batchnorm", False))
     # The sizes, before the (slower) data: a module is only a description until init.
-    make_model(args.stage, 1, block_size=args.block_size, n_embd=args.n_embd,
-               n_hidden=args.n_hidden)
+    sized = make_model(args.stage, 1, block_size=args.block_size, n_embd=args.n_embd,
+                       n_hidden=args.n_hidden)
+    config.validate(batchnorm=sized.batchnorm)
     if args.torch_stream:
         from jaxmlp.torch_bridge import import_torch
 
@@ -190,6 +193,7 @@ def _check_sizes(model, config, n_train: int) -> None:
     """Refuse sizes that could only end in an out-of-memory crash."""
     v, t, e, h = model.vocab_size, model.block_size, model.n_embd, model.n_hidden
     n_params = v * e + t * e * h + 3 * h + h * v + v  # an upper bound over the stages
+    n_params += getattr(model, "depth", 0) * (h * h + 3 * h)  # DeepMLP's hidden blocks
     if n_params > MAX_PARAMS:
         raise ConfigError(f"the model would have about {n_params:,} parameters (at most "
                           f"{MAX_PARAMS:,}); use a smaller --n-hidden, --n-embd or --block-size")
@@ -398,6 +402,56 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_diagnose(args) -> int:
+    import datetime
+    import platform
+
+    import jax
+
+    from jaxmlp import diagnostics as diag
+    from jaxmlp.checkpoint import write_json
+    from jaxmlp.data import load_dataset
+    from jaxmlp.evaluate import split_losses
+    from jaxmlp.figures import write_diagnosis_figures
+    from jaxmlp.stages import DEEP_STAGES, SCHEDULES, check_stage, make_model
+    from jaxmlp.train import TrainConfig, create_train_state
+
+    check_stage(args.stage)
+    threshold = args.threshold or (diag.DEEP_SATURATION if args.stage in DEEP_STAGES
+                                   else diag.SHALLOW_SATURATION)
+    if not 0 < threshold < 1:
+        raise ConfigError(f"--threshold must lie in (0, 1), got {threshold}")
+    stats_every = args.stats_every
+    diag.check_intervals(args.steps, args.every, stats_every)
+    out = Path(args.out or f"runs/diagnose-{args.stage}-s{args.seed}")
+    _check_report_dir(out, args.force)
+    data = load_dataset(args.data)
+    model = make_model(args.stage, data.vocab.size)
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size,
+                         schedule=SCHEDULES[args.stage]).validate(batchnorm=model.batchnorm)
+
+    state = create_train_state(jax.random.key(args.seed), model, config)
+    print(f"diagnosing {args.stage} for {args.steps:,} steps (seed {args.seed}, on "
+          f"{jax.devices()[0].platform})")
+    d = diag.diagnose(state, *data.train, model, config, steps=args.steps, every=args.every,
+                      stats_every=stats_every, threshold=threshold)
+    losses = split_losses(model, d.state.variables, data, splits=("train", "val"))
+    report = diag.to_json(d, stage=args.stage, seed=args.seed, split_losses=losses,
+                          backend=jax.devices()[0].platform, jax=jax.__version__,
+                          machine=platform.machine(), date=datetime.date.today().isoformat())
+    out.mkdir(parents=True, exist_ok=True)
+    shapes = {w["name"]: w["shape"] for w in report["weights"]}
+    figures = write_diagnosis_figures(d, out, args.stage, shapes)
+    write_json(out / "diagnostics.json", report)
+    for a in report["activations"]:
+        print(f"{a['layer']:>7s}: mean {a['mean']:+.2f}, std {a['std']:.2f}, "
+              f"saturated {100 * a['saturated']:.2f}%, dead {report['dead_units'][a['layer']]}")
+    print(f"train {losses['train']:.4f}  val {losses['val']:.4f}  ({d.seconds:.1f} s, "
+          f"{d.compile_seconds:.1f} s compiling)")
+    print(f"wrote {out}/diagnostics.json and {len(figures)} figures")
+    return 0
+
+
 def cmd_reproduce(args) -> int:
     from jaxmlp.data import load_dataset
     from jaxmlp.reproduce import markdown_report, reproduce, write_report
@@ -445,7 +499,7 @@ def build_parser() -> Parser:
     t.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     t.add_argument("--block-size", type=int, default=3, help="context length")
     t.add_argument("--n-embd", type=int, default=10, help="embedding size")
-    t.add_argument("--n-hidden", type=int, default=200, help="hidden units")
+    t.add_argument("--n-hidden", type=int, help="hidden units (default: the stage's, 200 or 100)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--torch-stream", action="store_true",
                    help="start from the PyTorch lecture's initial tensors and take its "
@@ -468,6 +522,24 @@ def build_parser() -> Parser:
     s.add_argument("-n", type=int, default=20, help="how many names")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_sample)
+
+    g = sub.add_parser("diagnose", help="train briefly with diagnostics; write "
+                       "DIR/diagnostics.json and the lecture's figures")
+    g.add_argument("--stage", default="deep", help=f"one of {', '.join(stage_names())}")
+    g.add_argument("--steps", type=int, default=1000)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--data", type=Path, default=DEFAULT_DATA, help="names file, one per line")
+    g.add_argument("--out", type=Path, help="folder (default runs/diagnose-<stage>-s<seed>)")
+    g.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    g.add_argument("--every", type=int, default=1,
+                   help="record the update ratios every K steps (default every step)")
+    g.add_argument("--stats-every", type=int, default=0,
+                   help="also record layer statistics every K steps (a multiple of --every; "
+                   "default 0: only the snapshots before and after)")
+    g.add_argument("--threshold", type=float,
+                   help="saturation threshold of |tanh| (default 0.97 deep, 0.99 shallow)")
+    g.set_defaults(func=cmd_diagnose)
 
     r = sub.add_parser("reproduce", help="train all five stages, write DIR/reproduce.json and "
                        "DIR/reproduce.md beside the lecture's PyTorch figures")

@@ -19,6 +19,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jaxmlp.errors import ConfigError
+from jaxmlp.init import kaiming_normal
+
 # Full float32 matmuls on every backend: TPUs (bf16 passes) and Ampere+ GPUs (TF32) would
 # otherwise round differently from the PyTorch CPU lecture and break number-for-number checks.
 PRECISION = jax.lax.Precision.HIGHEST
@@ -152,6 +155,127 @@ class MLP(nn.Module):
                 hpreact, train)
         h = jnp.tanh(hpreact)  # (B, n_hidden)
         self.sow("intermediates", "h", h)
+        h = probe_point(self, "h", h)
         return nn.Dense(self.vocab_size, precision=PRECISION,
                         kernel_init=scaled_normal(self.w2_scale),
                         bias_init=scaled_normal(self.b2_scale), name="out")(h)  # (B, vocab)
+
+
+def probe_point(module: nn.Module, name: str, x: jax.Array) -> jax.Array:
+    """`module.perturb(name, x)`, except while initialising.
+
+    jaxmlp.diagnostics passes a zero "perturbations" variable of x's shape and differentiates
+    the loss with respect to it: that gradient is d(loss)/d(x), the lecture's `x.grad` after
+    `x.retain_grad()`. Without that collection it is the identity. Creating no variable at
+    init keeps `model.init(key, X[:2])` valid for batches of any size.
+    """
+    if module.is_initializing():
+        return x
+    return module.perturb(name, x)
+
+
+NORMS = ("batchnorm", "layernorm", "none")
+ACTIVATIONS = ("tanh", "relu")
+
+
+class DeepMLP(nn.Module):
+    """The lecture's deep network: embedding, `depth` x [Linear -> norm -> act], Linear -> norm.
+
+    tokens (B, block_size) -> embed (B, block_size*n_embd) -> blocks of width n_hidden ->
+    logits (B, vocab_size). Submodules are named after their index in the lecture's `layers`
+    list, so "layer 5 (Tanh)" of its plots is `tanh5` here. With norm (deep, 17 layers):
+
+        C                  params/embed/embedding                     (vocab_size, n_embd)
+        layers[0]  Linear  params/linear0/kernel                      (30, 100)
+        layers[1]  BatchNorm1d  params/bn1/scale, bias (gamma, beta); batch_stats/bn1/mean, var
+        layers[2]  Tanh    intermediates/tanh2, perturbations/tanh2   (B, 100)
+        ...        layers[3k], [3k+1], [3k+2]: linear{3k}, bn{3k+1}, tanh{3k+2}, k < depth
+        layers[15] Linear  params/linear15/kernel                     (100, vocab_size)
+        layers[16] BatchNorm1d  params/bn16/scale (gamma, x last_scale at init), bias
+
+    Without norm (deep-nobn, 11 layers): linear0, tanh1, linear2, tanh3, ..., tanh9, linear10
+    (each Linear with a bias). layernorm uses `ln{i}` in place of `bn{i}`, relu `relu{i}` in
+    place of `tanh{i}`. Kernels are (in, out), like the lecture's `Linear.weight`.
+
+    Initialisation (the lecture's): C ~ N(0, c_scale^2); each Linear weight N(0, 1)/sqrt(fan_in)
+    times `gain`, biases zero. The output layer is made unconfident at init by `last_scale`:
+    with a norm its scale (gamma) starts at last_scale (and its Linear takes `gain`, as the
+    lecture's `layers[:-1]` loop does); without one, its weight is N(0, 1)/sqrt(fan_in) times
+    last_scale instead of gain. Linear layers have a bias unless a batch norm follows
+    (`use_bias=None`); its mean subtraction would cancel it.
+    """
+
+    vocab_size: int
+    block_size: int = 3
+    n_embd: int = 10
+    n_hidden: int = 100
+    depth: int = 5  # hidden blocks; the output Linear(-> norm) comes on top
+    norm: str = "batchnorm"  # batchnorm | layernorm | none
+    activation: str = "tanh"  # tanh | relu
+    gain: float = 1.0
+    last_scale: float = 0.1
+    use_bias: bool | None = None  # None: a bias unless norm == "batchnorm"
+    c_scale: float = 1.0
+    bn_semantics: str = "lecture-class"  # the lecture's BatchNorm1d class (unbiased var, 0.1)
+    bn_momentum: float | None = None  # None = the preset's; calibrate() sets 1.0
+
+    def __post_init__(self):
+        if self.norm not in NORMS:
+            raise ConfigError(f"unknown norm {self.norm!r}; use one of {', '.join(NORMS)}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"unknown activation {self.activation!r}; use one of "
+                              f"{', '.join(ACTIVATIONS)}")
+        if not isinstance(self.depth, int) or self.depth < 0:
+            raise ConfigError(f"depth must be a non-negative integer, got {self.depth!r}")
+        if self.norm == "batchnorm" and self.bn_semantics not in BN_PRESETS:
+            raise ConfigError(f"unknown batch-norm semantics {self.bn_semantics!r}; use one of "
+                              f"{', '.join(BN_PRESETS)}")
+        super().__post_init__()
+
+    @property
+    def batchnorm(self) -> bool:
+        return self.norm == "batchnorm"
+
+    @property
+    def layer_names(self) -> list[str]:
+        """The lecture's `layers` list as names: ['linear0', 'bn1', 'tanh2', ..., 'bn16']."""
+        norm = {"batchnorm": "bn", "layernorm": "ln", "none": None}[self.norm]
+        kinds = ["linear", *([norm] if norm else []), self.activation]
+        names = [f"{k}{b * len(kinds) + j}" for b in range(self.depth)
+                 for j, k in enumerate(kinds)]
+        n = len(names)
+        return [*names, f"linear{n}", *([f"{norm}{n + 1}"] if norm else [])]
+
+    def _norm(self, name: str, x: jax.Array, train: bool, scale: float) -> jax.Array:
+        scale_init = nn.initializers.ones if scale == 1 else nn.initializers.constant(scale)
+        if self.norm == "batchnorm":
+            return BatchNorm1d(self.bn_semantics, momentum=self.bn_momentum,
+                               scale_init=scale_init, name=name)(x, train)
+        return nn.LayerNorm(epsilon=1e-5, scale_init=scale_init, name=name)(x)
+
+    @nn.compact
+    def __call__(self, idx: jax.Array, train: bool = False) -> jax.Array:
+        names = iter(self.layer_names)
+        bias = self.norm != "batchnorm" if self.use_bias is None else self.use_bias
+        act = jnp.tanh if self.activation == "tanh" else jax.nn.relu
+
+        def linear(x, features, weight_gain):
+            return nn.Dense(features, use_bias=bias, precision=PRECISION,
+                            kernel_init=kaiming_normal(gain=weight_gain),
+                            bias_init=nn.initializers.zeros, name=next(names))(x)
+
+        B = idx.shape[0]
+        x = nn.Embed(self.vocab_size, self.n_embd, embedding_init=scaled_normal(self.c_scale),
+                     name="embed")(idx).reshape(B, -1)  # (B, block_size*n_embd)
+        for _ in range(self.depth):
+            x = linear(x, self.n_hidden, self.gain)  # (B, n_hidden)
+            if self.norm != "none":
+                x = self._norm(next(names), x, train, 1.0)
+            name = next(names)
+            x = act(x)
+            self.sow("intermediates", name, x)
+            x = probe_point(self, name, x)
+        if self.norm == "none":
+            return linear(x, self.vocab_size, self.last_scale)  # (B, vocab_size)
+        x = linear(x, self.vocab_size, self.gain)
+        return self._norm(next(names), x, train, self.last_scale)  # (B, vocab_size)
