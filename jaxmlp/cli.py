@@ -423,6 +423,48 @@ def cmd_reproduce(args) -> int:
     return 0
 
 
+def _stage_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def cmd_sweep(args) -> int:
+    import os
+    import time
+
+    from jaxmlp import sweep
+    from jaxmlp.data import load_dataset
+    from jaxmlp.stages import check_stage
+
+    stages = args.stages or list(sweep.PYTORCH_REFERENCE)
+    for stage in stages:
+        check_stage(stage)
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be a positive integer, got {args.seeds}")
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError(f"--steps must be a positive integer, got {args.steps}")
+    out = Path(args.out)
+    _check_report_dir(out, args.force)
+    # Before JAX starts: on a CPU host, one XLA device per core (each trains a share of runs).
+    sweep.configure_cpu_devices(args.cpu_devices or sweep.cpu_devices_for(
+        args.seeds * len(stages), os.cpu_count()))
+    import jax
+
+    data = load_dataset(args.data)
+    print(f"sweep: {', '.join(stages)} x {args.seeds} seeds on {jax.local_device_count()} "
+          f"{jax.default_backend()} device(s)")
+    t0 = time.perf_counter()
+    results = sweep.run_sweep(stages, range(args.seeds), data, steps=args.steps,
+                              progress=not args.quiet)
+    seconds = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    sweep.write_sweep_json(results, out / "sweep.json")
+    sweep.write_sweep_markdown(results, out / "sweep.md", sweep.sweep_meta(results, seconds))
+    sweep.plot_sweep(results, out / "sweep.png")
+    print(sweep.sweep_markdown(results), end="")
+    print(f"{seconds:.1f} s; wrote {out}/ (sweep.json, sweep.md, sweep.png)")
+    return 0
+
+
 def build_parser() -> Parser:
     from jaxmlp.data import DEFAULT_DATA
     from jaxmlp.stages import stage_names
@@ -483,6 +525,20 @@ def build_parser() -> Parser:
     r.add_argument("--force", action="store_true", help="overwrite an existing --out")
     r.add_argument("--quiet", action="store_true", help="print only the final table")
     r.set_defaults(func=cmd_reproduce)
+
+    w = sub.add_parser("sweep", help="train stages x seeds at once (vmap, sharded over devices), "
+                       "write DIR/sweep.json, sweep.md, sweep.png")
+    w.add_argument("--stages", type=_stage_list, help="comma-separated stages (default: the "
+                   "five lecture stages)")
+    w.add_argument("--seeds", type=int, default=8, help="seeds per stage (0 .. K-1)")
+    w.add_argument("--steps", type=int, help="steps per run (default 200000)")
+    w.add_argument("--data", type=Path, default=DEFAULT_DATA, help="names file, one per line")
+    w.add_argument("--out", type=Path, default=Path("runs/sweep"), help="output directory")
+    w.add_argument("--force", action="store_true", help="overwrite an existing sweep in --out")
+    w.add_argument("--cpu-devices", type=int, help="XLA devices to split a CPU host into "
+                   "(default: one per core; ignored on GPU/TPU)")
+    w.add_argument("--quiet", action="store_true", help="no progress bar")
+    w.set_defaults(func=cmd_sweep)
     return p
 
 

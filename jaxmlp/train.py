@@ -99,6 +99,22 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     return optax.sgd(schedule)  # p += -lr * grad, as the lecture's update
 
 
+def scale_updates(tx: optax.GradientTransformation,
+                  factor: jax.Array) -> optax.GradientTransformation:
+    """`tx` with its updates multiplied by `factor`: a learning-rate multiplier as data.
+
+    For SGD and Adam alike that is the learning rate times `factor`. `factor` may be traced
+    (one value per run of a vmapped sweep); the optimizer state is `tx`'s own, so states made
+    by `create_train_state` fit.
+    """
+
+    def update(updates, state, params=None):
+        updates, state = tx.update(updates, state, params)
+        return jax.tree.map(lambda u: u * factor.astype(u.dtype), updates), state
+
+    return optax.GradientTransformation(tx.init, update)
+
+
 def create_train_state(key: jax.Array, model: nn.Module, config: TrainConfig) -> TrainState:
     """Draw the initial variables from `key` and start the optimizer."""
     init_key, data_key = jax.random.split(key)
@@ -166,14 +182,18 @@ def train_step(state: TrainState, X: jax.Array, Y: jax.Array, model: nn.Module,
 
 
 def run_steps(state: TrainState, X: jax.Array, Y: jax.Array, batch_ix: jax.Array | None = None,
-              *, model: nn.Module, config: TrainConfig, num_steps: int):
+              *, model: nn.Module, config: TrainConfig, num_steps: int,
+              lr_scale: jax.Array | None = None):
     """`num_steps` training steps fused into one `lax.scan`; returns (state, losses (num_steps,)).
 
     X (N, T), Y (N,) is the training split, resident on the device. Minibatches are drawn on
     the device from the state's key, or taken from `batch_ix` (num_steps, B) when given (e.g.
-    the PyTorch lecture's index stream).
+    the PyTorch lecture's index stream). `lr_scale` () multiplies the learning rate (see
+    `scale_updates`); vmap over it to sweep the learning rate.
     """
     tx = make_optimizer(config)
+    if lr_scale is not None:
+        tx = scale_updates(tx, jnp.asarray(lr_scale))
     if batch_ix is None:
         batch_ix = sample_batches(state.key, state.step, num_steps, X.shape[0], config.batch_size)
     # The chunk's examples in one gather, (num_steps, B, T) and (num_steps, B), streamed through
