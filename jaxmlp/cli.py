@@ -465,6 +465,28 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import os
+
+    from jaxmlp import bench, sweep
+
+    for name in ("steps", "torch_steps", "repeats"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, "
+                              f"got {value}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {str(out)!r} is a file; choose a directory path")
+    sweep.configure_cpu_devices(args.cpu_devices or os.cpu_count() or 1)
+    result = bench.run_bench(steps=args.steps, torch_steps=args.torch_steps, full=args.full,
+                             data_path=str(args.data), repeats=args.repeats)
+    path = bench.write_bench(result, out)
+    print(bench.format_table(result), end="")
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> Parser:
     from jaxmlp.data import DEFAULT_DATA
     from jaxmlp.stages import stage_names
@@ -539,6 +561,20 @@ def build_parser() -> Parser:
                    "(default: one per core; ignored on GPU/TPU)")
     w.add_argument("--quiet", action="store_true", help="no progress bar")
     w.set_defaults(func=cmd_sweep)
+
+    b = sub.add_parser("bench", help="time the PyTorch lecture loop, a jaxmlp run and sweeps "
+                       "side by side; write DIR/bench.json")
+    b.add_argument("--steps", type=int, default=10_000, help="steps per jaxmlp measurement")
+    b.add_argument("--torch-steps", type=int, help="steps per PyTorch measurement "
+                   "(default min(steps, 3000))")
+    b.add_argument("--repeats", type=int, default=3, help="best of this many runs")
+    b.add_argument("--full", action="store_true", help="also time `jaxmlp train` and the "
+                   "PyTorch loop at 200,000 vs 20,000 steps from outside (minutes)")
+    b.add_argument("--data", type=Path, default=DEFAULT_DATA, help="names file, one per line")
+    b.add_argument("--out", type=Path, default=Path("runs/bench"), help="output directory")
+    b.add_argument("--cpu-devices", type=int, help="XLA devices to split a CPU host into for "
+                   "the sweeps (default: one per core)")
+    b.set_defaults(func=cmd_bench)
     return p
 
 
