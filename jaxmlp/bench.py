@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 SWEEP_KS = (1, 8, 32)
+NO_TORCH = "torch is not installed (pip install 'jaxmlp[torch]' to compare)"
 
 
 def cpu_name() -> str:
@@ -49,7 +50,7 @@ def torch_available() -> tuple[bool, str | None]:
     try:
         import torch  # noqa: F401
     except ImportError:
-        return False, "torch is not installed (pip install 'jaxmlp[torch]' to compare)"
+        return False, NO_TORCH
     return True, None
 
 
@@ -137,17 +138,18 @@ def time_single(data, steps: int, stage: str = "batchnorm", repeats: int = 3) ->
     return {"us_per_step": best / steps * 1e6, "compile_seconds": compile_s}
 
 
-def time_sweep(data, k: int, steps: int, stage: str = "batchnorm",
-               repeats: int = 2) -> dict[str, float]:
-    """`train_many` of seeds 0..k-1: us per (vmapped) step, per model-step, and compile time."""
+def time_sweep(data, k: int, steps: int, stage: str = "batchnorm", repeats: int = 2,
+               states=None) -> dict[str, float]:
+    """`train_many` of seeds 0..k-1: us per (vmapped) step, per model-step, and compile time.
+    `states`: the stacked initial states of at least k seeds (default: drawn here)."""
     from jaxmlp.stages import make_model
-    from jaxmlp.sweep import _sweep_chunk, seed_states, train_many
+    from jaxmlp.sweep import _sweep_chunk, _take_runs, seed_states, train_many
     from jaxmlp.train import TrainConfig
 
     model = make_model(stage, data.vocab.size, block_size=data.block_size)
     chunk = min(steps, _sweep_chunk(k))
     config = TrainConfig(steps=steps, chunk=chunk)
-    states = seed_states(range(k), model, config)
+    states = seed_states(range(k), model, config) if states is None else _take_runs(states, k)
     best, compile_s, devices = float("inf"), None, None
     for _ in range(repeats):
         r = train_many(states, *data.train, model, config, chunk=chunk)
@@ -250,9 +252,18 @@ def run_bench(steps: int = 10_000, torch_steps: int | None = None, sweep_steps: 
     say(f"jaxmlp single run, {steps:,} steps ...")
     result["jax_single"] = time_single(data, steps, repeats=repeats)
     result["jax_sweep"] = {}
+    from jaxmlp.stages import make_model
+    from jaxmlp.sweep import seed_states
+    from jaxmlp.train import TrainConfig
+
+    # One compiled init for every K: the first k of 0..max(ks)-1.
+    states = seed_states(range(max(ks)), make_model("batchnorm", data.vocab.size,
+                                                    block_size=data.block_size),
+                         TrainConfig(steps=sweep_steps))
     for k in ks:
         say(f"jaxmlp sweep, K = {k}, {sweep_steps:,} steps ...")
-        result["jax_sweep"][str(k)] = time_sweep(data, k, sweep_steps, repeats=max(1, repeats - 1))
+        result["jax_sweep"][str(k)] = time_sweep(data, k, sweep_steps,
+                                                 repeats=max(1, repeats - 1), states=states)
     single = result["jax_single"]["us_per_step"]
     t1, td = torch_entry["us_per_step_1_thread"], torch_entry["us_per_step_default_threads"]
     best_torch = min(t1, td) if ok else None

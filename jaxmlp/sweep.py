@@ -67,28 +67,51 @@ DEFAULT_TOLERANCE = 0.01
 
 def seed_states(seeds: Sequence[int], model: nn.Module, config: TrainConfig) -> TrainState:
     """The states `jaxmlp train --seed s` starts from, for each s in `seeds`, stacked (K, ...)."""
-    seeds = jnp.asarray(list(seeds), jnp.uint32)
+    return _seed_states(jnp.asarray(list(seeds), jnp.uint32), model=model, config=config)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "config"))
+def _seed_states(seeds: jax.Array, *, model: nn.Module, config: TrainConfig) -> TrainState:
+    # Compiled: an eager vmap of Flax's init dispatches hundreds of small ops (seconds).
     return jax.vmap(lambda s: create_train_state(jax.random.key(s), model, config))(seeds)
 
 
 def stack_states(states: Sequence[TrainState]) -> TrainState:
     """K TrainStates with equal structure -> one whose every leaf has a leading run axis."""
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    return _stack(tuple(states))
 
 
 def unstack_state(states: TrainState, i: int) -> TrainState:
     """Run `i` of a stacked state (a TrainState `fit`, `split_losses` or `save_run` accept)."""
-    return jax.tree.map(lambda x: x[i], states)
+    return _index(states, jnp.int32(i))
 
 
 def num_runs(states: TrainState) -> int:
     return int(states.step.shape[0]) if states.step.ndim == 1 else 0
 
 
-def _concat_states(parts: Sequence[TrainState]) -> TrainState:
+# Small compiled helpers: done eagerly, every leaf of a TrainState would compile an op of its own.
+@jax.jit
+def _stack(states):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+@jax.jit
+def _index(states, i):
+    return jax.tree.map(lambda x: x[i], states)
+
+
+@jax.jit
+def _concat(parts):
     return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
 
 
+@functools.partial(jax.jit, static_argnames=("k",))
+def _take_runs(tree, k: int):
+    return jax.tree.map(lambda x: x[:k], tree)
+
+
+@functools.partial(jax.jit, static_argnames=("k_pad",))
 def _pad_runs(tree, k_pad: int):
     """Repeat the last run until the run axis has length k_pad (padding is dropped later)."""
     return jax.tree.map(
@@ -262,7 +285,7 @@ def train_many(states: TrainState, X, Y, model: nn.Module, config: TrainConfig, 
     bar.close()
     all_losses = np.concatenate(losses, axis=1) if losses else np.zeros((k, 0), np.float32)
     if k_pad > k:
-        states = jax.tree.map(lambda x: x[:k], states)
+        states = _take_runs(states, k)
     return ManyResult(states, all_losses, time.perf_counter() - t0, compile_seconds, n_dev)
 
 
@@ -330,6 +353,10 @@ def summarize(values) -> dict[str, float | None]:
 # Stage sweeps (the CLI)
 
 
+# The MLP fields that only scale its initial draws (N(0, 1) * scale, see models.scaled_normal).
+INIT_SCALES = ("c_scale", "w1_scale", "b1_scale", "w2_scale", "b2_scale")
+
+
 def training_key(model: nn.Module) -> nn.Module:
     """The model as the training program sees it. The MLP's *_scale fields only shape the
     initial draws (create_train_state), so stages that differ only in them share one compiled
@@ -337,8 +364,28 @@ def training_key(model: nn.Module) -> nn.Module:
     from jaxmlp.models import MLP
 
     if type(model) is MLP:
-        return model.copy(c_scale=1.0, w1_scale=1.0, b1_scale=1.0, w2_scale=1.0, b2_scale=1.0)
+        return model.copy(**dict.fromkeys(INIT_SCALES, 1.0))
     return model
+
+
+@functools.partial(jax.jit, static_argnames=("model", "config"))
+def _scaled_seed_states(seeds: jax.Array, scales: dict[str, jax.Array], *, model: nn.Module,
+                        config: TrainConfig) -> TrainState:
+    """seed_states for runs that differ in seed and in the MLP's init scales (K,) each: one
+    compiled init for all the stages of a group, not one per stage."""
+    return jax.vmap(lambda s, f: create_train_state(jax.random.key(s), model.copy(**f), config))(
+        seeds, scales)
+
+
+def _group_states(seeds: Sequence[int], models: Sequence[nn.Module], train_model: nn.Module,
+                  config: TrainConfig) -> TrainState:
+    """The initial states of every (model, seed) pair, model-major, stacked."""
+    if train_model is not models[0] and len(models) > 1:  # MLPs that differ in scales only
+        scales = {f: jnp.repeat(jnp.asarray([getattr(m, f) for m in models], jnp.float32),
+                                len(seeds)) for f in INIT_SCALES}
+        all_seeds = jnp.tile(jnp.asarray(list(seeds), jnp.uint32), len(models))
+        return _scaled_seed_states(all_seeds, scales, model=train_model, config=config)
+    return _concat(tuple(seed_states(seeds, m, config) for m in models))
 
 
 def run_sweep(stages: Sequence[str], seeds: Sequence[int], data, *, steps: int | None = None,
@@ -376,7 +423,7 @@ def run_sweep(stages: Sequence[str], seeds: Sequence[int], data, *, steps: int |
         if log is not None:
             log(f"{', '.join(names)}: {len(seeds)} seeds each, {k} runs in one program, "
                 f"{config.steps:,} steps")
-        states = _concat_states([seed_states(seeds, model, config) for _, model, config in members])
+        states = _group_states(seeds, [m[1] for m in members], train_model, config)
         result = train_many(states, *data.train, train_model, config, devices=devices,
                             chunk=chunk or _sweep_chunk(k), progress=progress)
         losses = split_losses_many(train_model, result.states, data, devices=devices)

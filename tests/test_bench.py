@@ -1,0 +1,70 @@
+"""`jaxmlp bench` measures everything it promises and writes every key (tiny step counts)."""
+
+import json
+
+import pytest
+
+from jaxmlp import bench
+from jaxmlp.cli import main
+
+TORCH_KEYS = {"available", "reason", "version", "default_threads", "us_per_step_1_thread",
+              "us_per_step_default_threads"}
+SWEEP_KEYS = {"us_per_step", "us_per_model_step", "compile_seconds", "devices"}
+
+
+def check_keys(r: dict, torch: bool):
+    assert {"date", "machine", "cpu", "cores", "backend", "devices", "jax", "stage", "steps",
+            "torch", "jax_single", "jax_sweep", "ratios", "full"} <= set(r)
+    assert set(r["torch"]) == TORCH_KEYS
+    assert set(r["jax_single"]) == {"us_per_step", "compile_seconds"}
+    assert r["jax_single"]["us_per_step"] > 0 and r["jax_single"]["compile_seconds"] > 0
+    assert list(r["jax_sweep"]) == ["1", "8", "32"]
+    for k, s in r["jax_sweep"].items():
+        assert set(s) == SWEEP_KEYS and s["us_per_model_step"] > 0
+        assert abs(s["us_per_step"] - int(k) * s["us_per_model_step"]) < 1e-6 * s["us_per_step"]
+    assert set(r["ratios"]) == {"torch_1_thread_over_jax_single", "torch_best_over_jax_single",
+                                "torch_best_over_jax_sweep_k1", "torch_best_over_jax_sweep_k8",
+                                "torch_best_over_jax_sweep_k32"}
+    assert {"jax_us_per_step", "torch_us_per_step", "torch_over_jax"} <= set(r["full"])
+    t = r["torch"]
+    if torch:
+        assert t["available"] and t["reason"] is None and t["us_per_step_1_thread"] > 0
+        assert t["us_per_step_default_threads"] > 0 and t["default_threads"] >= 1
+        assert all(v > 0 for v in r["ratios"].values())
+    else:
+        assert not t["available"] and "torch is not installed" in t["reason"]
+        assert t["us_per_step_1_thread"] is None and t["us_per_step_default_threads"] is None
+        assert all(v is None for v in r["ratios"].values())
+
+
+def test_bench_cli_writes_every_key(tmp_path, capsys):
+    pytest.importorskip("torch")
+    out = tmp_path / "bench"
+    assert main(["bench", "--steps", "30", "--torch-steps", "5", "--repeats", "1",
+                 "--out", str(out)]) == 0
+    check_keys(json.loads((out / "bench.json").read_text()), torch=True)
+    printed = capsys.readouterr().out
+    assert "PyTorch lecture loop, 1 thread" in printed and "jaxmlp sweep K=32" in printed
+
+
+def test_bench_without_torch_says_why(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "torch_available", lambda: (False, bench.NO_TORCH))
+    r = bench.run_bench(steps=30, repeats=1, log=None)
+    check_keys(r, torch=False)
+    assert "PyTorch: torch is not installed" in bench.format_table(r)
+
+
+def test_torch_loop_is_the_lecture_loop():
+    pytest.importorskip("torch")
+    from jaxmlp.data import load_dataset
+
+    _, lossi = bench.torch_lecture_loop(*load_dataset().train, 2)
+    assert round(10 ** lossi[0], 4) == 3.3239  # REFERENCE.md: batchnorm stage, loss at step 0
+
+
+def test_bench_rejects_bad_input(tmp_path, capsys):
+    assert main(["bench", "--steps", "0", "--out", str(tmp_path / "b")]) == 2
+    assert "--steps must be a positive integer" in capsys.readouterr().err
+    (tmp_path / "f").write_text("x")
+    assert main(["bench", "--out", str(tmp_path / "f")]) == 2
+    assert "is a file" in capsys.readouterr().err
