@@ -1,6 +1,7 @@
 """jaxmlp: the makemore-part-3 names MLP (activations, gradients, batch norm) in JAX/Flax.
 
-data -> models/stages -> train -> evaluate -> plot; `checkpoint` keeps runs, `cli` composes.
+data -> models/stages -> train -> evaluate -> plot; `checkpoint` keeps runs, `sweep` trains many
+runs as one program, `bench` times them, `cli` composes.
 """
 
 from jaxmlp.checkpoint import (
@@ -16,6 +17,14 @@ from jaxmlp.errors import ConfigError, DataError, DivergenceError, JaxmlpError, 
 from jaxmlp.evaluate import calibrate, eval_loss, sample_names, sample_tokens, split_losses
 from jaxmlp.models import BN_PRESETS, MLP, BatchNorm1d, BNSemantics
 from jaxmlp.stages import STAGES, Schedule, make_model
+from jaxmlp.sweep import (
+    seed_states,
+    split_losses_many,
+    stack_states,
+    summarize,
+    train_many,
+    unstack_state,
+)
 from jaxmlp.train import (
     TrainConfig,
     TrainState,
@@ -24,6 +33,8 @@ from jaxmlp.train import (
     make_optimizer,
     make_schedule,
     run_steps,
+    sample_batches,
+    scale_updates,
     train_chunk,
     train_step,
 )
@@ -34,6 +45,8 @@ __all__ = [
     "DataError", "Dataset", "DivergenceError", "JaxmlpError", "RunError", "RunSpec", "Schedule",
     "Split", "TrainConfig", "TrainState", "Vocab", "calibrate", "create_train_state", "eval_loss",
     "fit", "load_checkpoint", "load_dataset", "load_run", "load_words", "make_model",
-    "make_optimizer", "make_schedule", "run_steps", "sample_names", "sample_tokens",
-    "save_checkpoint", "save_run", "split_losses", "train_chunk", "train_step",
+    "make_optimizer", "make_schedule", "run_steps", "sample_batches", "sample_names",
+    "sample_tokens", "save_checkpoint", "save_run", "scale_updates", "seed_states", "split_losses",
+    "split_losses_many", "stack_states", "summarize", "train_chunk", "train_many", "train_step",
+    "unstack_state",
 ]

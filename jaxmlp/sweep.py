@@ -188,21 +188,27 @@ _EXECUTABLES: dict[tuple, Any] = {}
 
 
 @functools.partial(jax.jit, static_argnames=("model", "config", "num_steps", "mesh",
-                                             "per_run_ix"), donate_argnames=("states",))
+                                             "per_run_ix", "vmap_width"),
+                   donate_argnames=("states",))
 def train_many_chunk(states: TrainState, X: jax.Array, Y: jax.Array, batch_ix, lr_scale, *,
                      model: nn.Module, config: TrainConfig, num_steps: int, mesh: Mesh,
-                     per_run_ix: bool = False):
-    """`num_steps` steps of every run: vmap of `run_steps` over the run axis, shard_map over
-    the mesh. states (K, ...), batch_ix None, (num_steps, B) shared or (K, num_steps, B) per
-    run, lr_scale None or (K,). Returns (states, losses (K, num_steps))."""
+                     per_run_ix: bool = False, vmap_width: int = 4):
+    """`num_steps` steps of every run. states (K, ...), batch_ix None, (num_steps, B) shared or
+    (K, num_steps, B) per run, lr_scale None or (K,). Returns (states, losses (K, num_steps)).
+
+    shard_map splits the runs over the mesh; on each device, `run_steps` is vmapped over
+    `vmap_width` runs at a time (lax.map with batch_size), the groups one after another.
+    """
 
     def local(states, X, Y, batch_ix, lr_scale):  # this device's share of the runs
-        def one(state, ix, lr):
+        def one(args):
+            state, ix, lr = args
+            ix = ix if per_run_ix else batch_ix
             return run_steps(state, X, Y, ix, model=model, config=config, num_steps=num_steps,
                              lr_scale=lr)
 
-        return jax.vmap(one, in_axes=(0, 0 if per_run_ix else None, 0))(states, batch_ix,
-                                                                         lr_scale)
+        runs = (states, batch_ix if per_run_ix else None, lr_scale)
+        return jax.lax.map(one, runs, batch_size=min(vmap_width, states.step.shape[0]))
 
     ix_spec = None if batch_ix is None else (P(RUNS) if per_run_ix else P())
     lr_spec = None if lr_scale is None else P(RUNS)
