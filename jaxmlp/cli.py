@@ -449,13 +449,23 @@ def cmd_sweep(args) -> int:
         args.seeds * len(stages), os.cpu_count()))
     import jax
 
+    if args.distributed or args.coordinator:
+        # One process per host; the runs spread over every host's devices. CPU hosts gather
+        # the losses over gloo.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     data = load_dataset(args.data)
-    print(f"sweep: {', '.join(stages)} x {args.seeds} seeds on {jax.local_device_count()} "
-          f"{jax.default_backend()} device(s)")
+    first = jax.process_index() == 0
+    hosts = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    if first:
+        print(f"sweep: {', '.join(stages)} x {args.seeds} seeds on {jax.device_count()} "
+              f"{jax.default_backend()} device(s){hosts}")
     t0 = time.perf_counter()
     results = sweep.run_sweep(stages, range(args.seeds), data, steps=args.steps,
-                              progress=not args.quiet)
+                              progress=first and not args.quiet, log=print if first else None)
     seconds = time.perf_counter() - t0
+    if not first:
+        return 0  # every process holds all results; the first one writes them
     out.mkdir(parents=True, exist_ok=True)
     sweep.write_sweep_json(results, out / "sweep.json")
     sweep.write_sweep_markdown(results, out / "sweep.md", sweep.sweep_meta(results, seconds))
@@ -559,6 +569,12 @@ def build_parser() -> Parser:
     w.add_argument("--force", action="store_true", help="overwrite an existing sweep in --out")
     w.add_argument("--cpu-devices", type=int, help="XLA devices to split a CPU host into "
                    "(default: one per core; ignored on GPU/TPU)")
+    w.add_argument("--distributed", action="store_true", help="run the same command on every "
+                   "host: jax.distributed.initialize() finds the others (SLURM, Open MPI, Cloud "
+                   "TPU, Kubernetes) or takes --coordinator, --num-processes, --process-id")
+    w.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
+    w.add_argument("--num-processes", type=int, help="number of processes (hosts)")
+    w.add_argument("--process-id", type=int, help="this process's index, 0 .. N-1")
     w.add_argument("--quiet", action="store_true", help="no progress bar")
     w.set_defaults(func=cmd_sweep)
 

@@ -17,11 +17,12 @@ vmapped over whatever differs between the runs:
     result = train_many(states, X, Y, model, config)                   # result.losses (K, steps)
     result = train_many(states, X, Y, model, config, lr_scale=jnp.array([0.5, 1.0, 2.0, 4.0]))
 
-The run axis is split over `devices` (all local devices by default) with `jax.shard_map`: each
-device trains its share of the runs with no communication. On a CPU, splitting the host into
-several XLA devices (`jax.config.update("jax_num_cpu_devices", n)` before JAX starts, or
-XLA_FLAGS=--xla_force_host_platform_device_count=n) runs the shares on different cores; see
-`cpu_devices_for`.
+The run axis is split over `devices` (default: `jax.devices()`, which after
+`jax.distributed.initialize()` spans every host) with `jax.shard_map`: each device trains its
+share of the runs, 4 at a time (vmap inside lax.map), with no communication. On a CPU, splitting
+the host into several XLA devices (`jax.config.update("jax_num_cpu_devices", n)` before JAX
+starts, or XLA_FLAGS=--xla_force_host_platform_device_count=n) runs the shares on different
+cores; see `cpu_devices_for`.
 """
 
 from __future__ import annotations
@@ -130,14 +131,46 @@ def _pad_runs(tree, k_pad: int):
 
 
 def run_mesh(devices: Sequence[jax.Device] | None = None, num_runs: int | None = None) -> Mesh:
-    """A 1-D mesh named "runs" over `devices` (default: all local devices of the default
-    backend), using no more devices than there are runs."""
-    devices = list(jax.local_devices() if devices is None else devices)
+    """A 1-D mesh named "runs" over `devices` (default: all devices of the default backend,
+    those of every process after jax.distributed.initialize()), using no more devices than
+    there are runs."""
+    devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ConfigError("no devices to run on; pass at least one jax.Device")
     if num_runs is not None:
         devices = devices[:max(1, min(len(devices), num_runs))]
     return Mesh(np.asarray(devices), (RUNS,))
+
+
+def _place(tree, sharding: NamedSharding):
+    """Put every leaf of `tree` (the same value in every process) on `sharding`: a copy.
+
+    With one process that is device_put. With several (jax.distributed), the mesh spans devices
+    of other processes, and each process supplies the shards of its own devices.
+    """
+    if sharding.is_fully_addressable:
+        return jax.device_put(tree, sharding, may_alias=False)
+
+    def leaf(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:  # already global
+            return jax.device_put(x, sharding, may_alias=False)
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = _place(np.asarray(jax.random.key_data(x)), sharding)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        x = np.asarray(x)
+        return jax.make_array_from_process_local_data(sharding, x, x.shape)
+
+    return jax.tree.map(leaf, tree)
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """The whole of `x` as a NumPy array in this process, gathered from all processes if the
+    mesh spans several."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def cpu_devices_for(num_runs: int, cores: int | None = None) -> int:
@@ -252,15 +285,14 @@ def train_many(states: TrainState, X, Y, model: nn.Module, config: TrainConfig, 
                               f"{(*need, config.batch_size)}")
     run_sharding, replicated = NamedSharding(mesh, P(RUNS)), NamedSharding(mesh, P())
     # A copy: the chunks donate their input states, and the caller keeps theirs.
-    states = jax.device_put(_pad_runs(states, k_pad), run_sharding, may_alias=False)
+    states = _place(_pad_runs(states, k_pad), run_sharding)
     if lr_scale is not None:
         lr_scale = jnp.asarray(lr_scale, jnp.float32).reshape(-1)
         if lr_scale.shape != (k,):
             raise ConfigError(f"lr_scale has {lr_scale.shape[0]} values for {k} runs; give "
                               "one learning-rate multiplier per run")
-        lr_scale = jax.device_put(_pad_runs(lr_scale, k_pad), run_sharding)
-    X = jax.device_put(jnp.asarray(X), replicated)
-    Y = jax.device_put(jnp.asarray(Y), replicated)
+        lr_scale = _place(_pad_runs(lr_scale, k_pad), run_sharding)
+    X, Y = _place(np.asarray(X), replicated), _place(np.asarray(Y), replicated)
     chunk = chunk or config.chunk
 
     def chunk_ix(s, n):
@@ -268,8 +300,8 @@ def train_many(states: TrainState, X, Y, model: nn.Module, config: TrainConfig, 
             return None
         if per_run_ix:
             ix = _pad_runs(jnp.asarray(np.asarray(batch_ix)[:, s:s + n], jnp.int32), k_pad)
-            return jax.device_put(ix, run_sharding)
-        return jax.device_put(jnp.asarray(np.asarray(batch_ix)[s:s + n], jnp.int32), replicated)
+            return _place(ix, run_sharding)
+        return _place(np.asarray(batch_ix)[s:s + n].astype(np.int32), replicated)
 
     t0 = time.perf_counter()
     compile_seconds = 0.0
@@ -290,7 +322,7 @@ def train_many(states: TrainState, X, Y, model: nn.Module, config: TrainConfig, 
                     compiler_options=compiler_options(mesh.devices.flat[0].platform))
             compile_seconds += time.perf_counter() - tc
         states, chunk_losses = _EXECUTABLES[cache_key](states, X, Y, ix, lr_scale)
-        losses.append(np.asarray(chunk_losses)[:k])  # the one host sync per chunk
+        losses.append(_to_host(chunk_losses)[:k])  # the one host sync per chunk
         if log is not None:
             log(f"{s + n:7d}/{config.steps:7d}: mean loss of the last step "
                 f"{np.nanmean(losses[-1][:, -1]):.4f}")
@@ -321,12 +353,12 @@ def split_losses_many(model: nn.Module, states: TrainState, data,
     k = num_runs(states)
     mesh = run_mesh(devices, k)
     k_pad = -(-k // mesh.devices.size) * mesh.devices.size
-    variables = jax.device_put(_pad_runs(states.variables, k_pad), NamedSharding(mesh, P(RUNS)))
+    variables = _place(_pad_runs(states.variables, k_pad), NamedSharding(mesh, P(RUNS)))
     replicated = NamedSharding(mesh, P())
     out = {}
     for split in splits:
-        X, Y = (jax.device_put(jnp.asarray(a), replicated) for a in data.split(split))
-        out[split] = np.asarray(_eval_many(variables, X, Y, model=model, mesh=mesh))[:k]
+        X, Y = (_place(np.asarray(a), replicated) for a in data.split(split))
+        out[split] = _to_host(_eval_many(variables, X, Y, model=model, mesh=mesh))[:k]
     return out
 
 
