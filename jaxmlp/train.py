@@ -210,8 +210,9 @@ train_chunk = jax.jit(run_steps, static_argnames=("model", "config", "num_steps"
                       donate_argnames=("state",))
 
 # XLA options for the training programs on a CPU: prefer LLVM's 512-bit vectors where the CPU
-# has them (AVX-512). Same numbers, 5% less time per step of the lecture's model on a Zen 5
-# core; a CPU without AVX-512 ignores it. Other backends get no options.
+# has them (AVX-512): 5% less time per step of the lecture's model on a Zen 5 core, the same
+# numbers up to summation order (5e-7); a CPU without AVX-512 ignores it. Other backends get
+# no options.
 CPU_COMPILER_OPTIONS = {"xla_cpu_prefer_vector_width": 512}
 
 
