@@ -176,7 +176,8 @@ def time_full(long_steps: int = 200_000, short_steps: int = 20_000,
     and for the PyTorch lecture loop (each a fresh process, timed from outside)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
-    out: dict[str, Any] = {"long_steps": long_steps, "short_steps": short_steps}
+    out: dict[str, Any] = {"ran": True, "reason": None, "long_steps": long_steps,
+                           "short_steps": short_steps}
     with tempfile.TemporaryDirectory() as tmp:
         walls = {}
         for n in (short_steps, long_steps):
@@ -279,8 +280,10 @@ def run_bench(steps: int = 10_000, torch_steps: int | None = None, sweep_steps: 
         result["full"] = time_full(data_path=data_path)
     else:
         result["full"] = {"ran": False, "reason": "pass --full to time 200,000 vs 20,000 steps "
-                          "from outside (minutes)", "jax_us_per_step": None,
-                          "torch_us_per_step": None, "torch_over_jax": None}
+                          "from outside (minutes)", "long_steps": None, "short_steps": None,
+                          "jax_wall_seconds": None, "jax_us_per_step": None,
+                          "torch_wall_seconds": None, "torch_us_per_step": None,
+                          "torch_threads": None, "torch_over_jax": None, "torch_reason": None}
     return result
 
 

@@ -10,6 +10,9 @@ from jaxmlp.cli import main
 TORCH_KEYS = {"available", "reason", "version", "default_threads", "us_per_step_1_thread",
               "us_per_step_default_threads"}
 SWEEP_KEYS = {"us_per_step", "us_per_model_step", "compile_seconds", "devices"}
+FULL_KEYS = {"ran", "reason", "long_steps", "short_steps", "jax_wall_seconds", "jax_us_per_step",
+             "torch_wall_seconds", "torch_us_per_step", "torch_threads", "torch_over_jax",
+             "torch_reason"}
 
 
 def check_keys(r: dict, torch: bool):
@@ -25,7 +28,7 @@ def check_keys(r: dict, torch: bool):
     assert set(r["ratios"]) == {"torch_1_thread_over_jax_single", "torch_best_over_jax_single",
                                 "torch_best_over_jax_sweep_k1", "torch_best_over_jax_sweep_k8",
                                 "torch_best_over_jax_sweep_k32"}
-    assert {"jax_us_per_step", "torch_us_per_step", "torch_over_jax"} <= set(r["full"])
+    assert set(r["full"]) == FULL_KEYS and r["full"]["ran"] is False
     t = r["torch"]
     if torch:
         assert t["available"] and t["reason"] is None and t["us_per_step_1_thread"] > 0
@@ -60,6 +63,18 @@ def test_torch_loop_is_the_lecture_loop():
 
     _, lossi = bench.torch_lecture_loop(*load_dataset().train, 2)
     assert round(10 ** lossi[0], 4) == 3.3239  # REFERENCE.md: batchnorm stage, loss at step 0
+
+
+def test_outside_timing_has_the_same_keys(monkeypatch):
+    # The --full timing, with every subprocess replaced by a fixed wall time: the keys and the
+    # arithmetic (wall(long) - wall(short)) / (long - short).
+    walls = iter([2.0, 8.0, 10.0, 82.0])  # jaxmlp short, long; torch short, long
+    monkeypatch.setattr(bench, "_wall", lambda cmd, env=None: next(walls))
+    monkeypatch.setattr(bench, "torch_available", lambda: (True, None))
+    full = bench.time_full(long_steps=2_000, short_steps=200)
+    assert set(full) == FULL_KEYS and full["ran"] is True
+    assert abs(full["jax_us_per_step"] - 6.0 / 1800 * 1e6) < 1e-6
+    assert abs(full["torch_over_jax"] - 12.0) < 1e-9
 
 
 def test_bench_rejects_bad_input(tmp_path, capsys):
