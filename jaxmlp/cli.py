@@ -442,6 +442,15 @@ def cmd_sweep(args) -> int:
         raise ConfigError(f"--seeds must be a positive integer, got {args.seeds}")
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps must be a positive integer, got {args.steps}")
+    if args.cpu_devices is not None and args.cpu_devices < 1:
+        raise ConfigError(f"--cpu-devices must be a positive integer, got {args.cpu_devices}")
+    manual = (args.coordinator, args.num_processes, args.process_id)
+    if any(x is not None for x in manual) and None in manual:
+        raise ConfigError("--coordinator, --num-processes and --process-id go together; give "
+                          "all three, or --distributed alone on a cluster JAX detects")
+    if args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
+        raise ConfigError(f"--process-id must be in 0 .. {args.num_processes - 1}, got "
+                          f"{args.process_id}")
     out = Path(args.out)
     _check_report_dir(out, args.force)
     # Before JAX starts: on a CPU host, one XLA device per core (each trains a share of runs).
@@ -485,6 +494,8 @@ def cmd_bench(args) -> int:
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, "
                               f"got {value}")
+    if args.cpu_devices is not None and args.cpu_devices < 1:
+        raise ConfigError(f"--cpu-devices must be a positive integer, got {args.cpu_devices}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {str(out)!r} is a file; choose a directory path")

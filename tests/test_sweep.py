@@ -182,6 +182,9 @@ def test_cli_sweep_writes_json_markdown_and_figure(tmp_path, capsys):
     (["--stages", "kaiming,resnet"], "unknown stage 'resnet'"),
     (["--seeds", "0"], "--seeds must be a positive"),
     (["--steps", "0"], "--steps must be a positive"),
+    (["--cpu-devices", "0"], "--cpu-devices must be a positive"),
+    (["--coordinator", "127.0.0.1:1234"], "go together"),
+    (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"], "--process-id must"),
 ])
 def test_cli_sweep_bad_input(argv, match, tmp_path, capsys):
     assert main(["sweep", *argv, "--out", str(tmp_path / "s")]) == 2
