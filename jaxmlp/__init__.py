@@ -1,7 +1,8 @@
 """jaxmlp: the makemore-part-3 names MLP (activations, gradients, batch norm) in JAX/Flax.
 
-data -> models/stages -> train -> evaluate -> plot; `checkpoint` keeps runs, `cli` composes.
-`init` holds the initialisers, `diagnostics` the in-jit statistics, `figures` their plots.
+data -> models/stages -> train -> evaluate -> plot; `checkpoint` keeps runs, `sweep` trains many
+runs as one program, `bench` times them, `cli` composes. `init` holds the initialisers,
+`diagnostics` the in-jit statistics, `figures` their plots.
 """
 
 from jaxmlp.checkpoint import (
@@ -19,6 +20,14 @@ from jaxmlp.evaluate import calibrate, eval_loss, sample_names, sample_tokens, s
 from jaxmlp.init import calculate_gain
 from jaxmlp.models import BN_PRESETS, MLP, BatchNorm1d, BNSemantics, DeepMLP
 from jaxmlp.stages import DEEP_STAGES, STAGES, Schedule, make_model
+from jaxmlp.sweep import (
+    seed_states,
+    split_losses_many,
+    stack_states,
+    summarize,
+    train_many,
+    unstack_state,
+)
 from jaxmlp.train import (
     TrainConfig,
     TrainState,
@@ -27,6 +36,8 @@ from jaxmlp.train import (
     make_optimizer,
     make_schedule,
     run_steps,
+    sample_batches,
+    scale_updates,
     train_chunk,
     train_step,
 )
@@ -34,10 +45,12 @@ from jaxmlp.train import (
 __version__ = "0.1.0"
 __all__ = [
     "BN_PRESETS", "DEEP_STAGES", "MLP", "STAGES", "BNSemantics", "BatchNorm1d", "Checkpoint",
-    "ConfigError", "DataError", "Dataset", "DeepMLP", "DivergenceError", "JaxmlpError",
-    "RunError", "RunSpec", "Schedule", "Split", "TrainConfig", "TrainState", "Vocab",
-    "calculate_gain", "calibrate", "create_train_state", "diagnose", "eval_loss", "fit",
-    "load_checkpoint", "load_dataset", "load_run", "load_words", "make_model", "make_optimizer",
-    "make_schedule", "probe", "run_diagnosed", "run_steps", "sample_names", "sample_tokens",
-    "save_checkpoint", "save_run", "split_losses", "train_chunk", "train_step",
+    "ConfigError", "DataError", "Dataset", "DeepMLP", "DivergenceError", "JaxmlpError", "RunError",
+    "RunSpec", "Schedule", "Split", "TrainConfig", "TrainState", "Vocab", "calculate_gain",
+    "calibrate", "create_train_state", "diagnose", "eval_loss", "fit", "load_checkpoint",
+    "load_dataset", "load_run", "load_words", "make_model", "make_optimizer", "make_schedule",
+    "probe", "run_diagnosed", "run_steps", "sample_batches", "sample_names", "sample_tokens",
+    "save_checkpoint", "save_run", "scale_updates", "seed_states", "split_losses",
+    "split_losses_many", "stack_states", "summarize", "train_chunk", "train_many", "train_step",
+    "unstack_state",
 ]

@@ -477,6 +477,91 @@ def cmd_reproduce(args) -> int:
     return 0
 
 
+def _stage_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def cmd_sweep(args) -> int:
+    import os
+    import time
+
+    from jaxmlp import sweep
+    from jaxmlp.data import load_dataset
+    from jaxmlp.stages import check_stage
+
+    stages = args.stages or list(sweep.PYTORCH_REFERENCE)
+    for stage in stages:
+        check_stage(stage)
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be a positive integer, got {args.seeds}")
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError(f"--steps must be a positive integer, got {args.steps}")
+    if args.cpu_devices is not None and args.cpu_devices < 1:
+        raise ConfigError(f"--cpu-devices must be a positive integer, got {args.cpu_devices}")
+    manual = (args.coordinator, args.num_processes, args.process_id)
+    if any(x is not None for x in manual) and None in manual:
+        raise ConfigError("--coordinator, --num-processes and --process-id go together; give "
+                          "all three, or --distributed alone on a cluster JAX detects")
+    if args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
+        raise ConfigError(f"--process-id must be in 0 .. {args.num_processes - 1}, got "
+                          f"{args.process_id}")
+    out = Path(args.out)
+    _check_report_dir(out, args.force)
+    # Before JAX starts: on a CPU host, one XLA device per core (each trains a share of runs).
+    sweep.configure_cpu_devices(args.cpu_devices or sweep.cpu_devices_for(
+        args.seeds * len(stages), os.cpu_count()))
+    import jax
+
+    if args.distributed or args.coordinator:
+        # One process per host; the runs spread over every host's devices. CPU hosts gather
+        # the losses over gloo.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    data = load_dataset(args.data)
+    first = jax.process_index() == 0
+    hosts = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    if first:
+        print(f"sweep: {', '.join(stages)} x {args.seeds} seeds on {jax.device_count()} "
+              f"{jax.default_backend()} device(s){hosts}")
+    t0 = time.perf_counter()
+    results = sweep.run_sweep(stages, range(args.seeds), data, steps=args.steps,
+                              progress=first and not args.quiet, log=print if first else None)
+    seconds = time.perf_counter() - t0
+    if not first:
+        return 0  # every process holds all results; the first one writes them
+    out.mkdir(parents=True, exist_ok=True)
+    sweep.write_sweep_json(results, out / "sweep.json")
+    sweep.write_sweep_markdown(results, out / "sweep.md", sweep.sweep_meta(results, seconds))
+    sweep.plot_sweep(results, out / "sweep.png")
+    print(sweep.sweep_markdown(results), end="")
+    print(f"{seconds:.1f} s; wrote {out}/ (sweep.json, sweep.md, sweep.png)")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import os
+
+    from jaxmlp import bench, sweep
+
+    for name in ("steps", "torch_steps", "repeats"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, "
+                              f"got {value}")
+    if args.cpu_devices is not None and args.cpu_devices < 1:
+        raise ConfigError(f"--cpu-devices must be a positive integer, got {args.cpu_devices}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {str(out)!r} is a file; choose a directory path")
+    sweep.configure_cpu_devices(args.cpu_devices or os.cpu_count() or 1)
+    result = bench.run_bench(steps=args.steps, torch_steps=args.torch_steps, full=args.full,
+                             data_path=str(args.data), repeats=args.repeats)
+    path = bench.write_bench(result, out)
+    print(bench.format_table(result), end="")
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> Parser:
     from jaxmlp.data import DEFAULT_DATA
     from jaxmlp.stages import stage_names
@@ -555,6 +640,40 @@ def build_parser() -> Parser:
     r.add_argument("--force", action="store_true", help="overwrite an existing --out")
     r.add_argument("--quiet", action="store_true", help="print only the final table")
     r.set_defaults(func=cmd_reproduce)
+
+    w = sub.add_parser("sweep", help="train stages x seeds at once (vmap, sharded over devices), "
+                       "write DIR/sweep.json, sweep.md, sweep.png")
+    w.add_argument("--stages", type=_stage_list, help="comma-separated stages (default: the "
+                   "five lecture stages)")
+    w.add_argument("--seeds", type=int, default=8, help="seeds per stage (0 .. K-1)")
+    w.add_argument("--steps", type=int, help="steps per run (default 200000)")
+    w.add_argument("--data", type=Path, default=DEFAULT_DATA, help="names file, one per line")
+    w.add_argument("--out", type=Path, default=Path("runs/sweep"), help="output directory")
+    w.add_argument("--force", action="store_true", help="overwrite an existing sweep in --out")
+    w.add_argument("--cpu-devices", type=int, help="XLA devices to split a CPU host into "
+                   "(default: one per core; ignored on GPU/TPU)")
+    w.add_argument("--distributed", action="store_true", help="run the same command on every "
+                   "host: jax.distributed.initialize() finds the others (SLURM, Open MPI, Cloud "
+                   "TPU, Kubernetes) or takes --coordinator, --num-processes, --process-id")
+    w.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
+    w.add_argument("--num-processes", type=int, help="number of processes (hosts)")
+    w.add_argument("--process-id", type=int, help="this process's index, 0 .. N-1")
+    w.add_argument("--quiet", action="store_true", help="no progress bar")
+    w.set_defaults(func=cmd_sweep)
+
+    b = sub.add_parser("bench", help="time the PyTorch lecture loop, a jaxmlp run and sweeps "
+                       "side by side; write DIR/bench.json")
+    b.add_argument("--steps", type=int, default=10_000, help="steps per jaxmlp measurement")
+    b.add_argument("--torch-steps", type=int, help="steps per PyTorch measurement "
+                   "(default min(steps, 3000))")
+    b.add_argument("--repeats", type=int, default=3, help="best of this many runs")
+    b.add_argument("--full", action="store_true", help="also time `jaxmlp train` and the "
+                   "PyTorch loop at 200,000 vs 20,000 steps from outside (minutes)")
+    b.add_argument("--data", type=Path, default=DEFAULT_DATA, help="names file, one per line")
+    b.add_argument("--out", type=Path, default=Path("runs/bench"), help="output directory")
+    b.add_argument("--cpu-devices", type=int, help="XLA devices to split a CPU host into for "
+                   "the sweeps (default: one per core)")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

@@ -1,0 +1,580 @@
+"""Many runs as one program: `train.run_steps` vmapped over a stacked `TrainState`.
+
+    seed_states / stack_states    K TrainStates as one whose leaves lead with a run axis (K, ...)
+    unstack_state                 run i of a stacked state
+    train_many                    K runs in compiled chunks, the run axis sharded over devices
+    split_losses_many             eval-mode split losses of K runs, (K,) per split
+    summarize                     mean, std and 95% interval of per-run numbers
+    run_sweep                     stages x seeds -> {stage: {...}}: the `jaxmlp sweep` command
+    write_sweep_json / write_sweep_markdown / plot_sweep
+
+A single run, a seed sweep and a hyperparameter sweep are the same code path, `run_steps`
+vmapped over whatever differs between the runs:
+
+    states = seed_states(range(8), model, config)                      # 8 seeds
+    scales = jnp.array([0.1, 0.2, 0.5, 1.0])                           # 4 initial W1 scales
+    states = jax.vmap(lambda s: create_train_state(key, model.copy(w1_scale=s), config))(scales)
+    result = train_many(states, X, Y, model, config)                   # result.losses (K, steps)
+    result = train_many(states, X, Y, model, config, lr_scale=jnp.array([0.5, 1.0, 2.0, 4.0]))
+
+The run axis is split over `devices` (default: `jax.devices()`, which after
+`jax.distributed.initialize()` spans every host) with `jax.shard_map`: each device trains its
+share of the runs, 4 at a time (vmap inside lax.map), with no communication. On a CPU, splitting
+the host into several XLA devices (`jax.config.update("jax_num_cpu_devices", n)` before JAX
+starts, or XLA_FLAGS=--xla_force_host_platform_device_count=n) runs the shares on different
+cores; see `cpu_devices_for`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxmlp.errors import ConfigError
+from jaxmlp.evaluate import eval_loss
+from jaxmlp.reproduce import PYTORCH_RESULTS
+from jaxmlp.train import (
+    TrainConfig,
+    TrainState,
+    compiler_options,
+    create_train_state,
+    run_steps,
+)
+
+RUNS = "runs"  # the mesh axis that the run axis is split over
+
+# REFERENCE.md: the lecture's PyTorch single runs (torch seed 2147483647), final split losses.
+PYTORCH_REFERENCE: dict[str, dict[str, float]] = {
+    stage: {split: ref[split] for split in ("train", "val", "test")}
+    for stage, ref in PYTORCH_RESULTS.items()}
+# How far a stage's mean val may lie from the PyTorch figure (the original stage is chaotic).
+REFERENCE_TOLERANCE = {"original": 0.03}
+DEFAULT_TOLERANCE = 0.01
+
+
+# ---------------------------------------------------------------------------------------------
+# Stacked states
+
+
+def seed_states(seeds: Sequence[int], model: nn.Module, config: TrainConfig) -> TrainState:
+    """The states `jaxmlp train --seed s` starts from, for each s in `seeds`, stacked (K, ...)."""
+    return _seed_states(jnp.asarray(list(seeds), jnp.uint32), model=model, config=config)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "config"))
+def _seed_states(seeds: jax.Array, *, model: nn.Module, config: TrainConfig) -> TrainState:
+    # Compiled: an eager vmap of Flax's init dispatches hundreds of small ops (seconds).
+    return jax.vmap(lambda s: create_train_state(jax.random.key(s), model, config))(seeds)
+
+
+def stack_states(states: Sequence[TrainState]) -> TrainState:
+    """K TrainStates with equal structure -> one whose every leaf has a leading run axis."""
+    return _stack(tuple(states))
+
+
+def unstack_state(states: TrainState, i: int) -> TrainState:
+    """Run `i` of a stacked state (a TrainState `fit`, `split_losses` or `save_run` accept)."""
+    return _index(states, jnp.int32(i))
+
+
+def num_runs(states: TrainState) -> int:
+    return int(states.step.shape[0]) if states.step.ndim == 1 else 0
+
+
+# Small compiled helpers: done eagerly, every leaf of a TrainState would compile an op of its own.
+@jax.jit
+def _stack(states):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+@jax.jit
+def _index(states, i):
+    return jax.tree.map(lambda x: x[i], states)
+
+
+@jax.jit
+def _concat(parts):
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _take_runs(tree, k: int):
+    return jax.tree.map(lambda x: x[:k], tree)
+
+
+@functools.partial(jax.jit, static_argnames=("k_pad",))
+def _pad_runs(tree, k_pad: int):
+    """Repeat the last run until the run axis has length k_pad (padding is dropped later)."""
+    return jax.tree.map(
+        lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], k_pad - x.shape[0], axis=0)])
+        if k_pad > x.shape[0] else x, tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices
+
+
+def run_mesh(devices: Sequence[jax.Device] | None = None, num_runs: int | None = None) -> Mesh:
+    """A 1-D mesh named "runs" over `devices` (default: all devices of the default backend,
+    those of every process after jax.distributed.initialize()), using no more devices than
+    there are runs."""
+    devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ConfigError("no devices to run on; pass at least one jax.Device")
+    if num_runs is not None:
+        devices = devices[:max(1, min(len(devices), num_runs))]
+    return Mesh(np.asarray(devices), (RUNS,))
+
+
+def _place(tree, sharding: NamedSharding):
+    """Put every leaf of `tree` (the same value in every process) on `sharding`: a copy.
+
+    With one process that is device_put. With several (jax.distributed), the mesh spans devices
+    of other processes, and each process supplies the shards of its own devices.
+    """
+    if sharding.is_fully_addressable:
+        return jax.device_put(tree, sharding, may_alias=False)
+
+    def leaf(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:  # already global
+            return jax.device_put(x, sharding, may_alias=False)
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = _place(np.asarray(jax.random.key_data(x)), sharding)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        x = np.asarray(x)
+        return jax.make_array_from_process_local_data(sharding, x, x.shape)
+
+    return jax.tree.map(leaf, tree)
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """The whole of `x` as a NumPy array in this process, gathered from all processes if the
+    mesh spans several."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def cpu_devices_for(num_runs: int, cores: int | None = None) -> int:
+    """How many XLA CPU devices to split the host into for a sweep of `num_runs` runs.
+
+    One device per core keeps every core busy with its own share of the runs; XLA's own
+    threading inside one device gains much less on a few small matrices (docs/speed.md).
+    """
+    cores = cores or os.cpu_count() or 1
+    return max(1, min(num_runs, cores))
+
+
+def configure_cpu_devices(n: int) -> bool:
+    """Split the host CPU into `n` XLA devices, if JAX has not started yet and the user has
+    not chosen a count (XLA_FLAGS / JAX_NUM_CPU_DEVICES). Returns whether it took effect."""
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return False
+    if os.environ.get("JAX_NUM_CPU_DEVICES"):
+        return False
+    try:
+        jax.config.update("jax_num_cpu_devices", int(n))
+    except RuntimeError:  # the backend is already initialised: keep its devices
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Training many runs
+
+
+@dataclass
+class ManyResult:
+    states: TrainState  # stacked (K, ...), sharded over the mesh
+    losses: np.ndarray  # (K, steps) float32 minibatch loss of every step of every run
+    seconds: float  # wall time, compilation included
+    compile_seconds: float
+    num_devices: int
+
+    @property
+    def diverged(self) -> np.ndarray:
+        """(K,) bool: runs whose loss stopped being finite at some step."""
+        return ~np.isfinite(self.losses).all(axis=1)
+
+
+# Compiled chunks, kept across calls (as jit's own cache would) but compiled ahead of time so
+# that train_many can report compile time apart from run time.
+_EXECUTABLES: dict[tuple, Any] = {}
+
+
+@functools.partial(jax.jit, static_argnames=("model", "config", "num_steps", "mesh",
+                                             "per_run_ix", "vmap_width"),
+                   donate_argnames=("states",))
+def train_many_chunk(states: TrainState, X: jax.Array, Y: jax.Array, batch_ix, lr_scale, *,
+                     model: nn.Module, config: TrainConfig, num_steps: int, mesh: Mesh,
+                     per_run_ix: bool = False, vmap_width: int = 4):
+    """`num_steps` steps of every run. states (K, ...), batch_ix None, (num_steps, B) shared or
+    (K, num_steps, B) per run, lr_scale None or (K,). Returns (states, losses (K, num_steps)).
+
+    shard_map splits the runs over the mesh; on each device, `run_steps` is vmapped over
+    `vmap_width` runs at a time (lax.map with batch_size), the groups one after another.
+    """
+
+    def local(states, X, Y, batch_ix, lr_scale):  # this device's share of the runs
+        def one(args):
+            state, ix, lr = args
+            ix = ix if per_run_ix else batch_ix
+            return run_steps(state, X, Y, ix, model=model, config=config, num_steps=num_steps,
+                             lr_scale=lr)
+
+        runs = (states, batch_ix if per_run_ix else None, lr_scale)
+        if states.step.shape[0] == 1:  # one run here: the unbatched program (a vmap of 1 is
+            out = one(jax.tree.map(lambda x: x[0], runs))  # slower, 63 vs 35 us/step)
+            return jax.tree.map(lambda x: x[None], out)
+        return jax.lax.map(one, runs, batch_size=min(vmap_width, states.step.shape[0]))
+
+    ix_spec = None if batch_ix is None else (P(RUNS) if per_run_ix else P())
+    lr_spec = None if lr_scale is None else P(RUNS)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(RUNS), P(), P(), ix_spec, lr_spec),
+                         out_specs=(P(RUNS), P(RUNS)))(states, X, Y, batch_ix, lr_scale)
+
+
+def train_many(states: TrainState, X, Y, model: nn.Module, config: TrainConfig, *,
+               lr_scale=None, batch_ix=None, devices: Sequence[jax.Device] | None = None,
+               chunk: int | None = None, progress: bool = False,
+               log: Callable[[str], None] | None = None) -> ManyResult:
+    """Train K stacked runs from their current step to `config.steps`, all at once.
+
+    states: stacked TrainState (K, ...) (`seed_states`, `stack_states`, or a vmapped
+    `create_train_state`). X (N, T), Y (N,): the training split. lr_scale: optional (K,)
+    learning-rate multipliers. batch_ix: optional minibatch indices, (steps, B) for every run
+    or (K, steps, B) per run, indexed by absolute step like `fit`'s. The run axis is split
+    over `devices` (padded to a multiple of their number); run i equals the run `fit` makes
+    from `unstack_state(states, i)` up to float rounding. A run whose loss stops being finite
+    does not stop the others: see `ManyResult.diverged`.
+    """
+    from tqdm.auto import tqdm
+
+    config.validate(batchnorm=getattr(model, "batchnorm", False))
+    k = num_runs(states)
+    if k < 1:
+        raise ConfigError("train_many needs stacked states with a leading run axis; build them "
+                          "with seed_states, stack_states or jax.vmap(create_train_state)")
+    steps0 = np.unique(np.asarray(states.step))
+    if steps0.size != 1:
+        raise ConfigError(f"the runs are at different steps {steps0.tolist()}; train_many "
+                          "advances runs in lockstep, so start them at the same step")
+    start = int(steps0[0])
+    mesh = run_mesh(devices, k)
+    n_dev = mesh.devices.size
+    k_pad = -(-k // n_dev) * n_dev
+    per_run_ix = batch_ix is not None and np.ndim(batch_ix) == 3
+    if batch_ix is not None:
+        need = (k, config.steps) if per_run_ix else (config.steps,)
+        if np.ndim(batch_ix) not in (2, 3) or np.shape(batch_ix)[:len(need)] != need:
+            raise ConfigError(f"batch_ix has shape {np.shape(batch_ix)}; expected "
+                              f"{(*need, config.batch_size)}")
+    run_sharding, replicated = NamedSharding(mesh, P(RUNS)), NamedSharding(mesh, P())
+    # A copy: the chunks donate their input states, and the caller keeps theirs.
+    states = _place(_pad_runs(states, k_pad), run_sharding)
+    if lr_scale is not None:
+        lr_scale = jnp.asarray(lr_scale, jnp.float32).reshape(-1)
+        if lr_scale.shape != (k,):
+            raise ConfigError(f"lr_scale has {lr_scale.shape[0]} values for {k} runs; give "
+                              "one learning-rate multiplier per run")
+        lr_scale = _place(_pad_runs(lr_scale, k_pad), run_sharding)
+    X, Y = _place(np.asarray(X), replicated), _place(np.asarray(Y), replicated)
+    chunk = chunk or config.chunk
+
+    def chunk_ix(s, n):
+        if batch_ix is None:
+            return None
+        if per_run_ix:
+            ix = _pad_runs(jnp.asarray(np.asarray(batch_ix)[:, s:s + n], jnp.int32), k_pad)
+            return _place(ix, run_sharding)
+        return _place(np.asarray(batch_ix)[s:s + n].astype(np.int32), replicated)
+
+    t0 = time.perf_counter()
+    compile_seconds = 0.0
+    losses = []
+    bar = tqdm(total=config.steps, initial=start, disable=not progress, unit="step",
+               mininterval=0.5, leave=False)
+    for s in range(start, config.steps, chunk):
+        n = min(chunk, config.steps - s)
+        ix = chunk_ix(s, n)
+        cache_key = (model, config, n, mesh, per_run_ix,
+                     *(jax.typeof(x) for x in jax.tree.leaves((states, X, Y, ix, lr_scale))),
+                     jax.tree.structure((states, ix, lr_scale)))
+        if cache_key not in _EXECUTABLES:
+            tc = time.perf_counter()
+            _EXECUTABLES[cache_key] = train_many_chunk.lower(
+                states, X, Y, ix, lr_scale, model=model, config=config, num_steps=n, mesh=mesh,
+                per_run_ix=per_run_ix).compile(
+                    compiler_options=compiler_options(mesh.devices.flat[0].platform))
+            compile_seconds += time.perf_counter() - tc
+        states, chunk_losses = _EXECUTABLES[cache_key](states, X, Y, ix, lr_scale)
+        losses.append(_to_host(chunk_losses)[:k])  # the one host sync per chunk
+        if log is not None:
+            log(f"{s + n:7d}/{config.steps:7d}: mean loss of the last step "
+                f"{np.nanmean(losses[-1][:, -1]):.4f}")
+        bar.update(n)
+    bar.close()
+    all_losses = np.concatenate(losses, axis=1) if losses else np.zeros((k, 0), np.float32)
+    if k_pad > k:
+        states = _take_runs(states, k)
+    return ManyResult(states, all_losses, time.perf_counter() - t0, compile_seconds, n_dev)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "mesh"))
+def _eval_many(variables, X, Y, *, model: nn.Module, mesh: Mesh):
+    """(K,) eval losses: each device evaluates its runs one after another (memory of one)."""
+
+    def local(variables, X, Y):
+        return jax.lax.map(lambda v: eval_loss(v, X, Y, model=model), variables)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(RUNS), P(), P()),
+                         out_specs=P(RUNS))(variables, X, Y)
+
+
+def split_losses_many(model: nn.Module, states: TrainState, data,
+                      splits: Sequence[str] = ("train", "val", "test"),
+                      devices: Sequence[jax.Device] | None = None) -> dict[str, np.ndarray]:
+    """{'train': (K,), 'val': (K,), 'test': (K,)}: the lecture's split losses of every run
+    (eval mode: the running batch-norm statistics)."""
+    k = num_runs(states)
+    mesh = run_mesh(devices, k)
+    k_pad = -(-k // mesh.devices.size) * mesh.devices.size
+    variables = _place(_pad_runs(states.variables, k_pad), NamedSharding(mesh, P(RUNS)))
+    replicated = NamedSharding(mesh, P())
+    out = {}
+    for split in splits:
+        X, Y = (_place(np.asarray(a), replicated) for a in data.split(split))
+        out[split] = _to_host(_eval_many(variables, X, Y, model=model, mesh=mesh))[:k]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+
+# Student's t, 97.5% quantile, for 1..30 degrees of freedom (the 95% two-sided interval).
+_T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
+         2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
+         2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
+
+
+def t975(df: int) -> float:
+    """The 97.5% quantile of Student's t with `df` degrees of freedom."""
+    if df < 1:
+        raise ValueError("a t interval needs at least 2 values")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964  # Cornish-Fisher expansion around the normal quantile: < 1e-4 off for df > 30
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def summarize(values) -> dict[str, float | None]:
+    """mean, sample std (ddof 1) and the half-width of the 95% t interval of the mean."""
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return {"mean": None, "std": None, "ci95": None, "n": 0}
+    if v.size == 1:
+        return {"mean": float(v[0]), "std": None, "ci95": None, "n": 1}
+    std = float(v.std(ddof=1))
+    return {"mean": float(v.mean()), "std": std, "ci95": t975(v.size - 1) * std / math.sqrt(v.size),
+            "n": int(v.size)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage sweeps (the CLI)
+
+
+# The MLP fields that only scale its initial draws (N(0, 1) * scale, see models.scaled_normal).
+INIT_SCALES = ("c_scale", "w1_scale", "b1_scale", "w2_scale", "b2_scale")
+
+
+def training_key(model: nn.Module) -> nn.Module:
+    """The model as the training program sees it. The MLP's *_scale fields only shape the
+    initial draws (create_train_state), so stages that differ only in them share one compiled
+    training program: the four stages without batch norm train as one batch of runs."""
+    from jaxmlp.models import MLP
+
+    if type(model) is MLP:
+        return model.copy(**dict.fromkeys(INIT_SCALES, 1.0))
+    return model
+
+
+@functools.partial(jax.jit, static_argnames=("model", "config"))
+def _scaled_seed_states(seeds: jax.Array, scales: dict[str, jax.Array], *, model: nn.Module,
+                        config: TrainConfig) -> TrainState:
+    """seed_states for runs that differ in seed and in the MLP's init scales (K,) each: one
+    compiled init for all the stages of a group, not one per stage."""
+    return jax.vmap(lambda s, f: create_train_state(jax.random.key(s), model.copy(**f), config))(
+        seeds, scales)
+
+
+def _group_states(seeds: Sequence[int], models: Sequence[nn.Module], train_model: nn.Module,
+                  config: TrainConfig) -> TrainState:
+    """The initial states of every (model, seed) pair, model-major, stacked."""
+    if train_model is not models[0] and len(models) > 1:  # MLPs that differ in scales only
+        scales = {f: jnp.repeat(jnp.asarray([getattr(m, f) for m in models], jnp.float32),
+                                len(seeds)) for f in INIT_SCALES}
+        all_seeds = jnp.tile(jnp.asarray(list(seeds), jnp.uint32), len(models))
+        return _scaled_seed_states(all_seeds, scales, model=train_model, config=config)
+    return _concat(tuple(seed_states(seeds, m, config) for m in models))
+
+
+def run_sweep(stages: Sequence[str], seeds: Sequence[int], data, *, steps: int | None = None,
+              batch_size: int = 32, chunk: int | None = None,
+              devices: Sequence[jax.Device] | None = None, progress: bool = False,
+              log: Callable[[str], None] | None = print) -> dict[str, dict[str, Any]]:
+    """Train every stage with every seed (vmapped, sharded) and collect the split losses.
+
+    Stages that share a training program are trained together. Returns
+    {stage: {"seeds", "train", "val", "test", "mean", "std", "ci95", "n", "steps",
+    "seconds", "pytorch", "diverged"}}, lists in seed order.
+    """
+    from jaxmlp.stages import SCHEDULES, check_stage, make_model
+
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ConfigError("--seeds must be at least 1")
+    if not stages:
+        raise ConfigError("no stages given; pass e.g. --stages kaiming,batchnorm")
+    for stage in stages:
+        check_stage(stage)
+    if len(set(stages)) != len(stages):
+        raise ConfigError(f"a stage is listed twice in {','.join(stages)}; list each once")
+    groups: dict[tuple, list[tuple[str, nn.Module, TrainConfig]]] = {}
+    for stage in stages:
+        model = make_model(stage, data.vocab.size, block_size=data.block_size)
+        config = TrainConfig(steps=steps or 200_000, batch_size=batch_size,
+                             schedule=SCHEDULES[stage]).validate(batchnorm=model.batchnorm)
+        groups.setdefault((training_key(model), config), []).append((stage, model, config))
+
+    results: dict[str, dict[str, Any]] = {}
+    for (train_model, config), members in groups.items():
+        names = [m[0] for m in members]
+        k = len(seeds) * len(members)
+        if log is not None:
+            log(f"{', '.join(names)}: {len(seeds)} seeds each, {k} runs in one program, "
+                f"{config.steps:,} steps")
+        states = _group_states(seeds, [m[1] for m in members], train_model, config)
+        result = train_many(states, *data.train, train_model, config, devices=devices,
+                            chunk=chunk or _sweep_chunk(k), progress=progress)
+        losses = split_losses_many(train_model, result.states, data, devices=devices)
+        if log is not None:
+            log(f"  {result.seconds:.1f} s ({result.compile_seconds:.1f} s compiling) on "
+                f"{result.num_devices} device(s): "
+                f"{(result.seconds - result.compile_seconds) / (k * config.steps) * 1e6:.1f} "
+                "us per model-step")
+        for j, stage in enumerate(names):
+            rows = slice(j * len(seeds), (j + 1) * len(seeds))
+            entry: dict[str, Any] = {"seeds": seeds}
+            for split in ("train", "val", "test"):
+                entry[split] = [float(x) for x in losses[split][rows]]
+            stats = {split: summarize(entry[split]) for split in ("train", "val", "test")}
+            for key in ("mean", "std", "ci95"):
+                entry[key] = {split: stats[split][key] for split in stats}
+            entry["n"] = stats["val"]["n"]
+            entry["steps"] = config.steps
+            entry["loss_at_step0"] = [float(x) for x in result.losses[rows, 0]] \
+                if result.losses.shape[1] else []
+            entry["diverged"] = [s for s, d in zip(seeds, result.diverged[rows], strict=True) if d]
+            entry["seconds"] = result.seconds  # of the whole group of stages trained together
+            entry["pytorch"] = PYTORCH_REFERENCE.get(stage)
+            results[stage] = entry
+    return {stage: results[stage] for stage in stages}
+
+
+def _sweep_chunk(k: int) -> int:
+    # The chunk's gathered minibatches take k * chunk * B * (T + 1) * 4 bytes: ~40 MB at most.
+    return int(min(10_000, max(1_000, 10_000 * 8 // max(k, 1))))
+
+
+def write_sweep_json(results: dict, path: str | Path) -> Path:
+    from jaxmlp.checkpoint import write_json
+
+    write_json(path, results)
+    return Path(path)
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def sweep_markdown(results: dict, meta: dict | None = None) -> str:
+    """A markdown table: mean ± std and 95% interval per stage, beside the PyTorch figure."""
+    lines = ["| stage | seeds | train | val (mean ± std) | val 95% CI | test | PyTorch val "
+             "(1 run) | val - PyTorch |",
+             "|---|---|---|---|---|---|---|---|"]
+    for stage, r in results.items():
+        m, s, c = r["mean"], r["std"], r["ci95"]
+        ref = (r.get("pytorch") or {}).get("val")
+        diff = "-" if ref is None or m["val"] is None else f"{m['val'] - ref:+.4f}"
+        ci = "-" if c["val"] is None else f"{m['val'] - c['val']:.4f} .. {m['val'] + c['val']:.4f}"
+        lines.append(f"| {stage} | {r['n']} | {_fmt(m['train'])} | {_fmt(m['val'])} ± "
+                     f"{_fmt(s['val'])} | {ci} | {_fmt(m['test'])} | {_fmt(ref)} | {diff} |")
+    text = "\n".join(lines) + "\n"
+    if meta:
+        text += "\n" + ", ".join(f"{k}: {v}" for k, v in meta.items()) + "\n"
+    return text
+
+
+def write_sweep_markdown(results: dict, path: str | Path, meta: dict | None = None) -> Path:
+    from jaxmlp.checkpoint import write_atomic
+
+    write_atomic(path, sweep_markdown(results, meta))
+    return Path(path)
+
+
+def plot_sweep(results: dict, path: str | Path) -> Path:
+    """Val loss per stage: each seed as a dot, the mean with its 95% interval, and the
+    PyTorch lecture's single run as a red cross."""
+    from jaxmlp.plot import plt, save_figure
+
+    stages = list(results)
+    fig, ax = plt.subplots(figsize=(1.6 * len(stages) + 3, 4))
+    for i, stage in enumerate(stages):
+        r = results[stage]
+        vals = np.asarray(r["val"], np.float64)
+        ax.scatter(np.full(vals.shape, i) + np.linspace(-0.3, -0.1, vals.size), vals, s=10,
+                   color="0.6", zorder=2, label="seeds" if i == 0 else None)
+        if r["mean"]["val"] is not None:
+            ax.errorbar(i, r["mean"]["val"], yerr=r["ci95"]["val"] or 0, fmt="o", color="C0",
+                        capsize=6, zorder=3, label="mean, 95% interval" if i == 0 else None)
+        ref = (r.get("pytorch") or {}).get("val")
+        if ref is not None:
+            ax.scatter([i + 0.2], [ref], marker="x", s=60, color="C3", zorder=4,
+                       label="PyTorch lecture (1 run)" if i == 0 else None)
+    ax.set_xticks(range(len(stages)), stages)
+    ax.set_ylabel("val loss")
+    n = max(results[s]["n"] for s in stages)
+    steps = max(results[s]["steps"] for s in stages)
+    ax.set_title(f"val loss per stage: {n} seeds x {steps:,} steps (PyTorch: 200,000 steps)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def sweep_meta(results: dict, seconds: float) -> dict[str, Any]:
+    return {"date": datetime.date.today().isoformat(), "machine": platform.machine(),
+            "backend": jax.default_backend(), "devices": jax.local_device_count(),
+            "jax": jax.__version__, "wall seconds": round(seconds, 1)}
+
+
+def read_sweep(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
