@@ -1,8 +1,9 @@
 """jaxmlp: the makemore-part-3 names MLP (activations, gradients, batch norm) in JAX/Flax.
 
-data -> models/stages -> train -> evaluate -> plot; `checkpoint` keeps runs, `sweep` trains many
-runs as one program, `bench` times them, `cli` composes. `init` holds the initialisers,
-`diagnostics` the in-jit statistics, `figures` their plots.
+data -> models/stages -> train -> evaluate -> plot. `runs` trains in run directories and
+`checkpoint` keeps them; `sweep` trains many runs as one program and `bench` times it; `init`
+holds the initialisers, `diagnostics` the in-jit statistics, `figures` their plots; `cli`
+composes.
 """
 
 from jaxmlp.checkpoint import (
@@ -19,6 +20,7 @@ from jaxmlp.errors import ConfigError, DataError, DivergenceError, JaxmlpError, 
 from jaxmlp.evaluate import calibrate, eval_loss, sample_names, sample_tokens, split_losses
 from jaxmlp.init import calculate_gain
 from jaxmlp.models import BN_PRESETS, MLP, BatchNorm1d, BNSemantics, DeepMLP
+from jaxmlp.runs import RunPlan, plan_new_run, plan_resumed_run, train_run
 from jaxmlp.stages import DEEP_STAGES, STAGES, Schedule, make_model
 from jaxmlp.sweep import (
     seed_states,
@@ -46,11 +48,11 @@ __version__ = "0.1.0"
 __all__ = [
     "BN_PRESETS", "DEEP_STAGES", "MLP", "STAGES", "BNSemantics", "BatchNorm1d", "Checkpoint",
     "ConfigError", "DataError", "Dataset", "DeepMLP", "DivergenceError", "JaxmlpError", "RunError",
-    "RunSpec", "Schedule", "Split", "TrainConfig", "TrainState", "Vocab", "calculate_gain",
-    "calibrate", "create_train_state", "diagnose", "eval_loss", "fit", "load_checkpoint",
-    "load_dataset", "load_run", "load_words", "make_model", "make_optimizer", "make_schedule",
-    "probe", "run_diagnosed", "run_steps", "sample_batches", "sample_names", "sample_tokens",
-    "save_checkpoint", "save_run", "scale_updates", "seed_states", "split_losses",
-    "split_losses_many", "stack_states", "summarize", "train_chunk", "train_many", "train_step",
-    "unstack_state",
+    "RunPlan", "RunSpec", "Schedule", "Split", "TrainConfig", "TrainState", "Vocab",
+    "calculate_gain", "calibrate", "create_train_state", "diagnose", "eval_loss", "fit",
+    "load_checkpoint", "load_dataset", "load_run", "load_words", "make_model", "make_optimizer",
+    "make_schedule", "plan_new_run", "plan_resumed_run", "probe", "run_diagnosed", "run_steps",
+    "sample_batches", "sample_names", "sample_tokens", "save_checkpoint", "save_run",
+    "scale_updates", "seed_states", "split_losses", "split_losses_many", "stack_states",
+    "summarize", "train_chunk", "train_many", "train_run", "train_step", "unstack_state",
 ]

@@ -6,10 +6,6 @@ Every expected failure is a `JaxmlpError`: one line on stderr, exit code 2, no t
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
-import shutil
 import sys
 from pathlib import Path
 
@@ -39,82 +35,9 @@ def _float_list(text: str) -> tuple[float, ...]:
             f"expected comma-separated numbers, got {text!r}") from None
 
 
-MAX_SEED = 2**32 - 1  # jax.random.key keeps 32 bits of a seed: larger ones repeat smaller ones
 MAX_SAMPLES = 100_000
 # With --resume the saved spec decides everything else; these options change no number.
 RESUME_OPTIONS = {"resume", "quiet", "data", "checkpoint_every"}
-
-
-def _check_seed(seed: int) -> None:
-    if not 0 <= seed <= MAX_SEED:
-        raise ConfigError(f"--seed must be between 0 and {MAX_SEED} (JAX keys keep 32 bits of "
-                          f"it), got {seed}")
-
-
-def _staging_dir(out: Path) -> Path:
-    """Where a --force run trains until it finishes and replaces `out` (a sibling of it)."""
-    out = Path(os.path.abspath(out))  # `--out .` has no name to extend
-    return out.with_name(out.name + ".partial")
-
-
-def _check_out_dir(out: Path, force: bool) -> Path | None:
-    """Validate --out before anything is written; returns the run that --force will replace.
-
-    Without --force only a new or empty directory is accepted. With --force the new run
-    trains in OUT.partial and replaces OUT only once it has finished, so a crash, a divergence
-    or Ctrl-C in the new run leaves the earlier run whole.
-    """
-    from jaxmlp import checkpoint as ckpt
-
-    shown = str(out)
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--out {shown!r} is a file; choose a directory path")
-    if not out.exists():
-        parent = next(p for p in out.absolute().parents if p.exists())
-        if not parent.is_dir():
-            raise RunError(f"cannot create --out {shown!r}: {str(parent)!r} is a file; choose "
-                           "another --out")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise RunError(f"cannot create --out {shown!r}: no permission to write in "
-                           f"{str(parent)!r}; choose another --out")
-        return None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise RunError(f"cannot write in --out {shown!r} (permission denied); choose another "
-                       "--out")
-    if not any(out.iterdir()):
-        return None
-    is_run = (out / ckpt.SPEC_FILE).is_file()
-    if not is_run:
-        raise RunError(f"--out {shown!r} is not empty and holds no jaxmlp run (no "
-                       f"{ckpt.SPEC_FILE}); choose a new or empty directory")
-    if not force:
-        if ckpt.is_finished(out):
-            raise RunError(f"--out {shown!r} already holds a finished run; pass --force to "
-                           "replace it (once the new run finishes) or choose another --out")
-        raise RunError(f"--out {shown!r} holds an unfinished run; continue it with --resume "
-                       f"{shown}, replace it with --force, or choose another --out")
-    ckpt.check_unlocked(out)
-    staging = _staging_dir(out)
-    if staging.exists():
-        if not staging.is_dir() or (any(staging.iterdir())
-                                    and not (staging / ckpt.SPEC_FILE).is_file()):
-            raise RunError(f"{str(staging)!r} is in the way (a --force run trains there first); "
-                           "move it away")
-        ckpt.check_unlocked(staging)
-    return out
-
-
-def _check_report_dir(out: Path, force: bool) -> None:
-    """--out of a command that writes results (not a run): new, empty, or --force.
-
-    Such commands write their files only at the end, each atomically, so an earlier result
-    stays whole until a new one has been computed.
-    """
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--out {str(out)!r} is a file; choose a directory path")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise RunError(f"--out {str(out)!r} is not empty; pass --force to overwrite its results "
-                       "or choose another --out")
 
 
 def _schedule(args, default):
@@ -136,228 +59,45 @@ def _schedule(args, default):
     return Schedule(tuple(rates), tuple(bounds))
 
 
-def _new_run(args):
-    """Validate every option of a new run, then build it; nothing is written here."""
-    import jax
-    import numpy as np
+def _plan(args):
+    """The run `jaxmlp train` asked for, validated; nothing is written here."""
+    from jaxmlp import runs
+    from jaxmlp.stages import SCHEDULES, check_stage
+    from jaxmlp.train import TrainConfig
 
-    from jaxmlp import checkpoint as ckpt
-    from jaxmlp.data import load_dataset
-    from jaxmlp.stages import DEEP_STAGES, SCHEDULES, check_stage, make_model
-    from jaxmlp.train import TrainConfig, create_train_state
-
+    if args.resume is not None:
+        conflicts = sorted(args.given - RESUME_OPTIONS - {"command", "func"})
+        if conflicts:
+            flags = ", ".join("--" + c.replace("_", "-") for c in conflicts)
+            raise ConfigError(f"--resume continues a run with its own saved settings; drop "
+                              f"{flags} (to change settings, start a new run instead)")
+        return runs.plan_resumed_run(
+            args.resume, data=args.data if "data" in args.given else None,
+            checkpoint_every=args.checkpoint_every if "checkpoint_every" in args.given else None)
     check_stage(args.stage)
-    if args.torch_stream and args.stage in DEEP_STAGES:
-        raise ConfigError(f"--torch-stream replays the lecture's shallow stages only; drop it "
-                          f"for --stage {args.stage} (JAX's own initialisation and sampler)")
-    _check_seed(args.seed)
-    if args.checkpoint_every < 1:
-        raise ConfigError(f"--checkpoint-every must be a positive number of steps, got "
-                          f"{args.checkpoint_every}")
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size,
                          schedule=_schedule(args, SCHEDULES[args.stage]),
                          optimizer=args.optimizer, chunk=args.checkpoint_every)
-    # The sizes, before the (slower) data: a module is only a description until init.
-    sized = make_model(args.stage, 1, block_size=args.block_size, n_embd=args.n_embd,
-                       n_hidden=args.n_hidden)
-    config.validate(batchnorm=sized.batchnorm)
-    if args.torch_stream:
-        from jaxmlp.torch_bridge import import_torch
-
-        import_torch()  # fail before anything else when torch is missing
-    out = Path(args.out or f"runs/{args.stage}-{'torch' if args.torch_stream else f's{args.seed}'}")
-    replaces = _check_out_dir(out, args.force)
-    data = load_dataset(args.data, block_size=args.block_size)
-    model = make_model(args.stage, data.vocab.size, block_size=args.block_size,
-                       n_embd=args.n_embd, n_hidden=args.n_hidden)
-    _check_sizes(model, config, len(data.train.Y))
-    spec = ckpt.RunSpec(args.stage, args.seed, model, config, data.vocab, str(args.data),
-                        torch_stream=args.torch_stream)
-    if args.torch_stream:  # the PyTorch lecture's initial tensors and minibatches
-        from jaxmlp.torch_bridge import lecture_stream
-
-        state, batch_ix = lecture_stream(model, config, len(data.train.X))
-    else:
-        state, batch_ix = create_train_state(jax.random.key(args.seed), model, config), None
-    return dict(spec=spec, data=data, state=state, batch_ix=batch_ix,
-                losses=np.zeros(0, np.float32),
-                data_sha256=ckpt.file_sha256(args.data), out=out,
-                workdir=out if replaces is None else _staging_dir(out),
-                replaces="" if replaces is None else str(replaces.absolute()))
-
-
-MAX_PARAMS = 1 << 28  # 1 GiB of float32 parameters, before gradients and optimizer state
-
-
-def _check_sizes(model, config, n_train: int) -> None:
-    """Refuse sizes that could only end in an out-of-memory crash."""
-    v, t, e, h = model.vocab_size, model.block_size, model.n_embd, model.n_hidden
-    n_params = v * e + t * e * h + 3 * h + h * v + v  # an upper bound over the stages
-    n_params += getattr(model, "depth", 0) * (h * h + 3 * h)  # DeepMLP's hidden blocks
-    if n_params > MAX_PARAMS:
-        raise ConfigError(f"the model would have about {n_params:,} parameters (at most "
-                          f"{MAX_PARAMS:,}); use a smaller --n-hidden, --n-embd or --block-size")
-    if config.batch_size > n_train:
-        raise ConfigError(f"batch size {config.batch_size:,} is larger than the training set "
-                          f"({n_train:,} examples); use a smaller --batch-size")
-
-
-def _resumed_run(args):
-    """Validate a --resume and load its checkpoint; nothing is written here."""
-    import dataclasses
-
-    from jaxmlp import checkpoint as ckpt
-    from jaxmlp.data import load_dataset
-    from jaxmlp.errors import DataError
-
-    conflicts = sorted(set(getattr(args, "given", ())) - RESUME_OPTIONS - {"command", "func"})
-    if conflicts:
-        flags = ", ".join("--" + c.replace("_", "-") for c in conflicts)
-        raise ConfigError(f"--resume continues a run with its own saved settings; drop "
-                          f"{flags} (to change settings, start a new run instead)")
-    run = Path(args.resume)
-    ck = ckpt.load_checkpoint(run)
-    spec = ck.spec
-    if ck.step >= spec.train.steps and ckpt.is_finished(run):
-        hint = ""
-        if _staging_dir(run).is_dir():
-            hint = f"; an interrupted --force run is in {str(_staging_dir(run))!r}: resume that"
-        raise RunError(f"run {str(run)!r} already finished ({spec.train.steps:,} steps), nothing "
-                       f"to resume; use `jaxmlp eval --run {run}`{hint}")
-    if ck.losses.size != ck.step:
-        raise RunError(f"checkpoint of {str(run)!r} has no loss history, so it cannot be "
-                       "resumed exactly; train the run again with --force")
-    if "checkpoint_every" in getattr(args, "given", ()):
-        if args.checkpoint_every < 1:
-            raise ConfigError(f"--checkpoint-every must be a positive number of steps, got "
-                              f"{args.checkpoint_every}")
-        spec = dataclasses.replace(spec, train=dataclasses.replace(
-            spec.train, chunk=args.checkpoint_every))
-    data_path = args.data if "data" in getattr(args, "given", ()) else Path(spec.data)
-    data = load_dataset(data_path, block_size=spec.model.block_size, vocab=spec.vocab)
-    sha = ckpt.file_sha256(data_path)
-    if ck.data_sha256 and sha != ck.data_sha256:
-        raise DataError(f"data file {str(data_path)!r} is not the one run {str(run)!r} was "
-                        "trained on (its SHA-256 differs); pass --data with the original file")
-    ckpt.check_unlocked(run)
-    spec = dataclasses.replace(spec, data=str(data_path))
-    batch_ix = None
-    if spec.torch_stream:  # the whole stream again: fit indexes it by absolute step
-        from jaxmlp.torch_bridge import lecture_stream
-
-        batch_ix = lecture_stream(spec.model, spec.train, len(data.train.X))[1]
-    return dict(spec=spec, data=data, state=ck.state, batch_ix=batch_ix, losses=ck.losses,
-                data_sha256=sha,
-                out=Path(ck.replaces) if ck.replaces else run, workdir=run,
-                replaces=ck.replaces)
+    return runs.plan_new_run(args.stage, seed=args.seed, config=config, data=args.data,
+                             out=args.out, force=args.force, torch_stream=args.torch_stream,
+                             block_size=args.block_size, n_embd=args.n_embd,
+                             n_hidden=args.n_hidden)
 
 
 def cmd_train(args) -> int:
-    import jax
-    import numpy as np
+    from jaxmlp import runs
 
-    from jaxmlp import checkpoint as ckpt
-    from jaxmlp.errors import DivergenceError
-    from jaxmlp.evaluate import calibrate, split_losses
-    from jaxmlp.plot import plot_loss
-    from jaxmlp.train import _smaller_lr_flag, fit
-
-    # Validate everything before writing anything: a bad option leaves every file as it was.
-    run = _resumed_run(args) if args.resume is not None else _new_run(args)
-    spec, data, state, prior = run["spec"], run["data"], run["state"], run["losses"]
-    model, config, workdir, out = spec.model, spec.train, run["workdir"], run["out"]
-    start = int(state.step)
-
-    def save(state, losses):
-        nonlocal saved_step
-        ckpt.save_checkpoint(workdir, spec, state, losses, run["data_sha256"], run["replaces"])
-        saved_step = int(state.step)
-
-    if args.resume is None:
-        if run["replaces"] and workdir.exists():  # an earlier --force run that did not finish
-            with ckpt.run_lock(workdir):
-                shutil.rmtree(workdir)
-        try:
-            workdir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise RunError(f"cannot create run directory {str(workdir)!r} ({e.strerror}); "
-                           "choose another --out") from None
-    with ckpt.run_lock(workdir):
-        try:
-            ckpt.write_json(workdir / ckpt.SPEC_FILE, spec.to_json())
-        except OSError as e:
-            raise RunError(f"cannot write in {str(workdir)!r} ({e.strerror}); choose another "
-                           "--out or free space") from None
-        saved_step = start
-        if args.resume is None:
-            save(state, prior)  # step 0: the directory is a resumable run from the start
-
-        n_params = sum(int(x.size) for x in jax.tree.leaves(state.params))
-        where = (f"resuming {workdir} at step {start:,}" if args.resume else
-                 "the lecture torch stream" if spec.torch_stream else f"seed {spec.seed}")
-        print(f"stage {spec.stage}: {n_params:,} parameters, {config.steps:,} steps, {where}, "
-              f"on {jax.devices()[0].platform}")
-        try:
-            result = fit(state, *data.train, model, config, batch_ix=run["batch_ix"],
-                         progress=not args.quiet,
-                         on_chunk=lambda s, losses: save(s, np.concatenate([prior, losses])))
-        except DivergenceError as e:
-            raise DivergenceError(f"{e} (the last good checkpoint, step {saved_step:,}, is kept "
-                                  f"in {workdir})", step=e.step) from None
-        except KeyboardInterrupt:
-            print(f"jaxmlp train: interrupted; the last checkpoint (step {saved_step:,}) is in "
-                  f"{workdir}: continue with `jaxmlp train --resume {workdir}`", file=sys.stderr)
-            return 130
-        losses = np.concatenate([prior, result.losses])
-        variables = result.state.variables
-        split = split_losses(model, variables, data)
-        bad = [k for k, v in split.items() if not np.isfinite(v)]
-        if bad:  # finite but enormous weights: the training loss hid the divergence
-            raise DivergenceError(
-                f"training diverged: the final {bad[0]} loss is {split[bad[0]]}; lower the "
-                f"learning rate (e.g. {_smaller_lr_flag(config)}) and train again with --force")
-        steps_run = config.steps - start
-        metrics = {
-            "stage": spec.stage, "seed": spec.seed, "steps": config.steps, "params": n_params,
-            "torch_stream": spec.torch_stream, **split,
-            "seconds": result.seconds, "compile_seconds": result.compile_seconds,
-            "us_per_step": ((result.seconds - result.compile_seconds) / steps_run * 1e6
-                            if steps_run else None),
-            "step_losses": {str(i): float(losses[i]) for i in range(0, config.steps, 10_000)},
-            "backend": jax.devices()[0].platform, "jax": jax.__version__,
-            "machine": platform.machine(), "date": datetime.date.today().isoformat(),
-        }
-        if start:
-            metrics["resumed_from_step"] = start
-        if model.batchnorm:
-            metrics["calibrated"] = split_losses(
-                model, calibrate(variables, data.train.X, model=model), data)
-        try:
-            ckpt.write_atomic(workdir / ckpt.LOSSES_FILE, _npy_bytes(losses))
-            plot_loss(losses, workdir / ckpt.PLOT_FILE,
-                      title=f"{spec.stage}, seed {spec.seed}")
-            ckpt.write_json(workdir / ckpt.METRICS_FILE, metrics)  # last: marks it finished
-        except OSError as e:
-            raise RunError(f"cannot write the results in {str(workdir)!r} ({e.strerror or e}); "
-                           f"the final checkpoint is saved: free space, then `jaxmlp train "
-                           f"--resume {workdir}`") from None
-    if run["replaces"]:
-        ckpt.replace_dir(workdir, out)
-    print(f"train {split['train']:.4f}  val {split['val']:.4f}  test {split['test']:.4f}  "
-          f"({result.seconds:.1f} s"
-          + (f", {metrics['us_per_step']:.1f} us/step)" if steps_run else ")"))
-    print(f"wrote {out}/ (metrics.json, checkpoint.msgpack, losses.npy, loss.png)")
+    plan = _plan(args)  # everything is validated before anything is written
+    try:
+        m = runs.train_run(plan, progress=not args.quiet)
+    except runs.Interrupted as e:
+        print(f"jaxmlp train: interrupted; {e}", file=sys.stderr)
+        return 130
+    print(f"train {m['train']:.4f}  val {m['val']:.4f}  test {m['test']:.4f}  "
+          f"({m['seconds']:.1f} s"
+          + (f", {m['us_per_step']:.1f} us/step)" if m["us_per_step"] else ")"))
+    print(f"wrote {plan.out}/ (metrics.json, checkpoint.msgpack, losses.npy, loss.png)")
     return 0
-
-
-def _npy_bytes(array) -> bytes:
-    import io
-
-    import numpy as np
-
-    buf = io.BytesIO()
-    np.save(buf, array)
-    return buf.getvalue()
 
 
 def _load_for_use(run: Path):
@@ -393,7 +133,9 @@ def cmd_sample(args) -> int:
 
     if not 1 <= args.n <= MAX_SAMPLES:
         raise ConfigError(f"-n must be a number of names from 1 to {MAX_SAMPLES:,}, got {args.n}")
-    _check_seed(args.seed)
+    from jaxmlp.runs import check_seed
+
+    check_seed(args.seed)
     spec, state = _load_for_use(args.run)
     variables = state.variables
     for name in sample_names(spec.model, variables, spec.vocab, jax.random.key(args.seed),
@@ -409,6 +151,7 @@ def cmd_diagnose(args) -> int:
     import jax
 
     from jaxmlp import diagnostics as diag
+    from jaxmlp import runs
     from jaxmlp.checkpoint import write_json
     from jaxmlp.data import load_dataset
     from jaxmlp.evaluate import split_losses
@@ -424,7 +167,7 @@ def cmd_diagnose(args) -> int:
     stats_every = args.stats_every
     diag.check_intervals(args.steps, args.every, stats_every)
     out = Path(args.out or f"runs/diagnose-{args.stage}-s{args.seed}")
-    _check_report_dir(out, args.force)
+    runs.check_report_dir(out, args.force)
     data = load_dataset(args.data)
     model = make_model(args.stage, data.vocab.size)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size,
@@ -453,6 +196,7 @@ def cmd_diagnose(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
+    from jaxmlp import runs
     from jaxmlp.data import load_dataset
     from jaxmlp.reproduce import markdown_report, reproduce, write_report
 
@@ -460,7 +204,7 @@ def cmd_reproduce(args) -> int:
         raise ConfigError(f"--steps must be a positive integer, got {args.steps}")
     out = Path(args.out or ("runs/reproduce-torch" if args.torch_stream else
                             f"runs/reproduce-s{args.seed}"))
-    _check_report_dir(out, args.force)
+    runs.check_report_dir(out, args.force)
     if args.torch_stream:
         from jaxmlp.torch_bridge import import_torch
 
@@ -485,7 +229,7 @@ def cmd_sweep(args) -> int:
     import os
     import time
 
-    from jaxmlp import sweep
+    from jaxmlp import runs, sweep
     from jaxmlp.data import load_dataset
     from jaxmlp.stages import check_stage
 
@@ -506,7 +250,7 @@ def cmd_sweep(args) -> int:
         raise ConfigError(f"--process-id must be in 0 .. {args.num_processes - 1}, got "
                           f"{args.process_id}")
     out = Path(args.out)
-    _check_report_dir(out, args.force)
+    runs.check_report_dir(out, args.force)
     # Before JAX starts: on a CPU host, one XLA device per core (each trains a share of runs).
     sweep.configure_cpu_devices(args.cpu_devices or sweep.cpu_devices_for(
         args.seeds * len(stages), os.cpu_count()))
