@@ -1,8 +1,9 @@
-"""Run directories: plan a new or resumed run, train it with checkpoints, write its results.
+"""Training in a run directory: plan a new or resumed run, train it with checkpoints, finish it.
 
-A run directory holds `spec.json` (what made it), `checkpoint.msgpack` (the whole training
-state, rewritten atomically every `config.chunk` steps), and once finished `losses.npy`,
-`loss.png` and `metrics.json` (written last: its presence marks the run finished).
+A run directory (files: `jaxmlp.checkpoint`) holds `run.json` (what made it),
+`checkpoint.msgpack` (the whole training state, rewritten atomically every `config.chunk`
+steps), and once finished `losses.npy`, `loss.png` and `metrics.json` (written last: its
+presence marks the run finished).
 
     plan = plan_new_run("batchnorm", seed=0, out="runs/bn", config=TrainConfig())
     metrics = train_run(plan)             # or plan_resumed_run("runs/bn") after a crash
