@@ -2,17 +2,16 @@
 # # The deep network, trained in full
 #
 # Trains `deep` (batch norm) and `deep-nobn` for the lecture's 200,000 steps with
-# `jaxmlp train` (one after the other; a few minutes each on 2 CPU cores), unless their run
-# directories already hold finished runs, then draws both loss curves in one figure and
-# writes the final losses beside the PyTorch lecture's (REFERENCE.md, "The deep network").
+# `jaxmlp.train_run`, the code path of `jaxmlp train` (one after the other, about a minute each
+# on 2 CPU cores), unless their run directories already hold finished runs, then draws both
+# loss curves in one figure and writes the final losses beside the PyTorch lecture's
+# (REFERENCE.md, "The deep network").
 #
 #     python experiments/deep_training.py [--runs runs] [--out docs/figures] [--steps 200000]
 
 # %%
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,9 +19,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
+from jaxmlp import TrainConfig, plan_new_run, train_run
 from jaxmlp.plot import bucket_log10, plt, save_figure
-
-ROOT = Path(__file__).resolve().parent.parent
+from jaxmlp.stages import SCHEDULES
 
 PYTORCH = {  # REFERENCE.md: full 200,000-step runs, PyTorch 2.13 CPU, 1 thread
     "deep": {"step 0": 3.2870, "train": 1.9999, "val": 2.0771, "test": 2.0811, "seconds": 289},
@@ -43,9 +42,9 @@ for stage in PYTORCH:
     run = args.runs / f"{stage}-s{args.seed}"
     metrics = run / "metrics.json"
     if not (metrics.is_file() and json.loads(metrics.read_text())["steps"] == args.steps):
-        subprocess.run([sys.executable, "-m", "jaxmlp", "train", "--stage", stage, "--steps",
-                        str(args.steps), "--seed", str(args.seed), "--out", str(run), "--force",
-                        "--quiet"], check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        config = TrainConfig(steps=args.steps, schedule=SCHEDULES[stage])
+        train_run(plan_new_run(stage, seed=args.seed, config=config, out=run, force=True),
+                  progress=False)
     m = json.loads(metrics.read_text())
     losses = np.load(run / "losses.npy")
     results[stage] = {"losses": losses, **{k: m[k] for k in ("train", "val", "test")},
