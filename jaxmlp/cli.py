@@ -166,20 +166,35 @@ def cmd_diagnose(args) -> int:
         raise ConfigError(f"--threshold must lie in (0, 1), got {threshold}")
     stats_every = args.stats_every
     diag.check_intervals(args.steps, args.every, stats_every)
-    out = Path(args.out or f"runs/diagnose-{args.stage}-s{args.seed}")
+    if args.torch_stream:
+        from jaxmlp.torch_bridge import import_torch
+
+        import_torch()  # fail before anything else when torch is missing
+    out = Path(args.out or f"runs/diagnose-{args.stage}-"
+                           f"{'torch' if args.torch_stream else f's{args.seed}'}")
     runs.check_report_dir(out, args.force)
     data = load_dataset(args.data)
     model = make_model(args.stage, data.vocab.size)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size,
                          schedule=SCHEDULES[args.stage]).validate(batchnorm=model.batchnorm)
 
-    state = create_train_state(jax.random.key(args.seed), model, config)
-    print(f"diagnosing {args.stage} for {args.steps:,} steps (seed {args.seed}, on "
+    if args.torch_stream:  # the lecture's tensors, its batches and the snapshot's batch after
+        import dataclasses
+
+        from jaxmlp.torch_bridge import lecture_stream
+
+        longer = dataclasses.replace(config, steps=config.steps + 1)
+        state, batch_ix = lecture_stream(model, longer, len(data.train.X))
+    else:
+        state, batch_ix = create_train_state(jax.random.key(args.seed), model, config), None
+    where = "the lecture's torch stream" if args.torch_stream else f"seed {args.seed}"
+    print(f"diagnosing {args.stage} for {args.steps:,} steps ({where}, on "
           f"{jax.devices()[0].platform})")
     d = diag.diagnose(state, *data.train, model, config, steps=args.steps, every=args.every,
-                      stats_every=stats_every, threshold=threshold)
+                      stats_every=stats_every, threshold=threshold, batch_ix=batch_ix)
     losses = split_losses(model, d.state.variables, data, splits=("train", "val"))
     report = diag.to_json(d, stage=args.stage, seed=args.seed, split_losses=losses,
+                          torch_stream=args.torch_stream,
                           backend=jax.devices()[0].platform, jax=jax.__version__,
                           machine=platform.machine(), date=datetime.date.today().isoformat())
     out.mkdir(parents=True, exist_ok=True)
@@ -231,9 +246,9 @@ def cmd_sweep(args) -> int:
 
     from jaxmlp import runs, sweep
     from jaxmlp.data import load_dataset
-    from jaxmlp.stages import check_stage
+    from jaxmlp.stages import STAGES, check_stage
 
-    stages = args.stages or list(sweep.PYTORCH_REFERENCE)
+    stages = args.stages or list(STAGES)
     for stage in stages:
         check_stage(stage)
     if args.seeds < 1:
@@ -359,13 +374,17 @@ def build_parser() -> Parser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--data", type=Path, default=DEFAULT_DATA, help="names file, one per line")
-    g.add_argument("--out", type=Path, help="folder (default runs/diagnose-<stage>-s<seed>)")
+    g.add_argument("--out", type=Path, help="folder (default runs/diagnose-<stage>-s<seed>, "
+                   "or -torch)")
     g.add_argument("--force", action="store_true", help="overwrite an existing --out")
     g.add_argument("--every", type=int, default=1,
                    help="record the update ratios every K steps (default every step)")
     g.add_argument("--stats-every", type=int, default=0,
                    help="also record layer statistics every K steps (a multiple of --every; "
                    "default 0: only the snapshots before and after)")
+    g.add_argument("--torch-stream", action="store_true",
+                   help="start from the PyTorch lecture's initial tensors and take its "
+                   "minibatches (needs torch; --seed is then unused)")
     g.add_argument("--threshold", type=float,
                    help="saturation threshold of |tanh| (default 0.97 deep, 0.99 shallow)")
     g.set_defaults(func=cmd_diagnose)

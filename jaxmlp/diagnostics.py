@@ -267,6 +267,7 @@ def run_diagnosed(state: TrainState, X: jax.Array, Y: jax.Array,
         trace["has_stats"] (n,) bool marking where it was recorded.
     """
     check_intervals(num_steps, every, stats_every)
+    X, Y = jnp.asarray(X), jnp.asarray(Y)  # numpy arrays cannot be indexed by traced indices
     tx = make_optimizer(config)
     if batch_ix is None:  # the minibatches `run_steps` draws, for all steps at once
         steps = state.step + jnp.arange(num_steps, dtype=jnp.int32)
@@ -330,7 +331,8 @@ def diagnose(state: TrainState, X, Y, model: nn.Module, config: TrainConfig, *,
     """Snapshot at init, `steps` steps of `run_diagnosed`, snapshot after them (on the host).
 
     `batch_ix` (steps, B), when given, are the minibatch indices of the steps (as in
-    `run_steps`); otherwise they are drawn on the device from the state's key.
+    `run_steps`); otherwise they are drawn on the device from the state's key. A row more,
+    (steps + 1, B), gives the final snapshot's minibatch too (the lecture's stream has it).
 
     The snapshots are `probe` (histograms and values included) of step 0's minibatch with
     the initial variables and of step `steps`'s minibatch with the trained ones: the lecture's
@@ -349,8 +351,11 @@ def diagnose(state: TrainState, X, Y, model: nn.Module, config: TrainConfig, *,
         return X[ix], Y[ix]
 
     t0 = time.perf_counter()
+    last = None
     if batch_ix is not None:
         batch_ix = jnp.asarray(batch_ix)
+        if batch_ix.shape[0] > steps:
+            last, batch_ix = batch_ix[steps], batch_ix[:steps]
     batch0 = minibatch(state) if batch_ix is None else (X[batch_ix[0]], Y[batch_ix[0]])
     run = diagnose_chunk.lower(state, X, Y, batch_ix, model=model, config=config, num_steps=steps,
                                every=every, stats_every=stats_every, threshold=threshold)
@@ -360,7 +365,7 @@ def diagnose(state: TrainState, X, Y, model: nn.Module, config: TrainConfig, *,
     compile_seconds = time.perf_counter() - t0
     init = snap(state.variables, *batch0)
     state, trace = run(state, X, Y, batch_ix)
-    final = snap(state.variables, *minibatch(state))
+    final = snap(state.variables, *(minibatch(state) if last is None else (X[last], Y[last])))
     trace, init, final = jax.device_get((trace, init, final))  # the one host sync of the run
     seconds = time.perf_counter() - t0
     return Diagnosis(steps, every, threshold, init, final, trace, state, seconds,

@@ -168,12 +168,9 @@ def plan_new_run(stage: str = "batchnorm", *, seed: int = 0, config: TrainConfig
     sized = make_model(stage, 1, block_size=block_size, n_embd=n_embd, n_hidden=n_hidden)
     config.validate(batchnorm=sized.batchnorm)
     if torch_stream:
-        from jaxmlp.stages import DEEP_STAGES
-        from jaxmlp.torch_bridge import import_torch
+        from jaxmlp.torch_bridge import check_model, import_torch
 
-        if stage in DEEP_STAGES:
-            raise ConfigError(f"--torch-stream replays the lecture's shallow stages only; drop "
-                              f"it for --stage {stage} (JAX's own initialisation and sampler)")
+        check_model(sized)  # a model the lecture's code can express
         import_torch()  # fail before anything else when torch is missing
     out = Path(out) if out is not None else default_out(stage, seed, torch_stream)
     replaces = check_out_dir(out, force)

@@ -9,6 +9,15 @@ converted both ways between PyTorch and Flax.
     state_dict_to_variables / variables_to_state_dict  an nn.Module state_dict (see torch_module)
     torch_module          that nn.Module: Embedding -> Linear -> [BatchNorm1d] -> tanh -> Linear
     lecture_train, lecture_split_loss   the lecture's own PyTorch loop, for comparisons
+    lecture_train_deep, lecture_split_loss_deep   the same for the deep network, with the
+                          lecture's Linear / BatchNorm1d / Tanh classes
+
+lecture_init, lecture_batches, lecture_train_state, lecture_stream and the tensor conversions
+also take the deep network (`models.DeepMLP`, stages deep and deep-nobn), whose tensors
+carry the names of the lecture's `layers` list:
+`C`, `layers.{i}.weight`/`.bias` (Linear, (in, out)), `layers.{i}.gamma`/`.beta`/
+`.running_mean`/`.running_var` (its BatchNorm1d class) <-> params/linear{i}/kernel, bias,
+params/bn{i}/scale, bias, batch_stats/bn{i}/mean, var.
 
 torch is imported inside the functions only: `import jaxmlp` never imports it, and without it
 these functions raise TorchNotInstalledError (one line, with the install command).
@@ -43,7 +52,7 @@ import numpy as np
 from flax import linen as nn
 
 from jaxmlp.errors import ConfigError, JaxmlpError
-from jaxmlp.models import BN_PRESETS, MLP
+from jaxmlp.models import BN_PRESETS, MLP, DeepMLP
 from jaxmlp.stages import TANH_GAIN, Schedule
 from jaxmlp.train import TrainConfig, create_train_state, make_optimizer
 
@@ -65,11 +74,29 @@ def import_torch():
     return torch
 
 
-def _check_model(model: nn.Module) -> MLP:
+def check_model(model: nn.Module, deep: bool = True) -> MLP | DeepMLP:
+    """The model, if the lecture's PyTorch code can express it (else a ConfigError)."""
+    if isinstance(model, DeepMLP) and deep:
+        lecture = (model.activation == "tanh" and model.norm in ("batchnorm", "none")
+                   and model.use_bias is None and model.c_scale == 1.0
+                   and (model.norm == "none" or (model.bn_semantics == "lecture-class"
+                                                 and model.bn_momentum is None)))
+        if not lecture:
+            raise ConfigError("the lecture's deep network is Linear -> BatchNorm1d (its class: "
+                              "unbiased variance, eps 1e-5, momentum 0.1) or Linear with bias, "
+                              "then Tanh; the torch bridge replays DeepMLP only with activation "
+                              "tanh, norm batchnorm or none, and the preset's batch norm")
+        return model
     if not isinstance(model, MLP):
-        raise ConfigError(f"the torch bridge handles the lecture's shallow MLP, got "
-                          f"{type(model).__name__}; build the model with stages.make_model")
+        raise ConfigError(f"the torch bridge handles the lecture's MLP"
+                          f"{' and DeepMLP' if deep else ' here (use variables_to_tensors)'}, "
+                          f"got {type(model).__name__}; build the model with stages.make_model")
     return model
+
+
+def _layer_index(name: str) -> int:
+    """'linear15' -> 15: DeepMLP names its layers after their index in the lecture's list."""
+    return int(name.lstrip("abcdefghijklmnopqrstuvwxyz"))
 
 
 def _stat_name(model: MLP) -> str:
@@ -92,8 +119,10 @@ def lecture_init(model: nn.Module, seed: int = LECTURE_SEED):
     The generator is returned positioned where the lecture's training loop starts drawing.
     """
     torch = import_torch()
-    m = _check_model(model)
+    m = check_model(model)
     g = torch.Generator().manual_seed(seed)
+    if isinstance(m, DeepMLP):
+        return _lecture_init_deep(m, g, torch), g
     fan_in = m.n_embd * m.block_size
 
     def scaled(shape, scale):
@@ -114,6 +143,38 @@ def lecture_init(model: nn.Module, seed: int = LECTURE_SEED):
         tensors["bnmean_running"] = torch.zeros((1, m.n_hidden))
         tensors[_stat_name(m)] = torch.ones((1, m.n_hidden))
     return tensors, g
+
+
+def _lecture_init_deep(m: DeepMLP, g, torch) -> dict:
+    """The deep network's tensors as the lecture makes them (REFERENCE.md, "The deep network").
+
+    C = randn(vocab, n_embd); then, layer by layer, Linear: `randn((fan_in, fan_out)) /
+    fan_in**0.5` and a zero bias (no draw) when it has one; BatchNorm1d: gamma 1, beta 0,
+    running mean 0, running var 1. Then, as the lecture's `with torch.no_grad()` block: the
+    last layer made unconfident (`layers[-1].gamma *= 0.1`, or `.weight *= 0.1` without batch
+    norm) and `weight *= gain` for every Linear of `layers[:-1]`.
+    """
+    t = {"C": torch.randn((m.vocab_size, m.n_embd), generator=g)}
+    fan_in = m.n_embd * m.block_size
+    names = m.layer_names
+    for name in names:
+        i = _layer_index(name)
+        if name.startswith("linear"):
+            fan_out = m.vocab_size if name == names[-1] or name == names[-2] else m.n_hidden
+            t[f"layers.{i}.weight"] = torch.randn((fan_in, fan_out), generator=g) / fan_in**0.5
+            if not m.batchnorm:
+                t[f"layers.{i}.bias"] = torch.zeros(fan_out)
+            fan_in = fan_out
+        elif name.startswith("bn"):
+            t[f"layers.{i}.gamma"], t[f"layers.{i}.beta"] = torch.ones(fan_in), torch.zeros(fan_in)
+            t[f"layers.{i}.running_mean"] = torch.zeros(fan_in)
+            t[f"layers.{i}.running_var"] = torch.ones(fan_in)
+    last = _layer_index(names[-1])
+    t[f"layers.{last}.{'gamma' if m.batchnorm else 'weight'}"] *= m.last_scale
+    for name in names[:-1]:
+        if name.startswith("linear"):
+            t[f"layers.{_layer_index(name)}.weight"] *= m.gain
+    return t
 
 
 def lecture_batches(generator, n: int, steps: int, batch_size: int = 32) -> np.ndarray:
@@ -179,8 +240,22 @@ def _flax_leaf(value, shape_struct, where: str, source: str) -> jax.Array:
     return jnp.asarray(arr.reshape(shape), dtype=shape_struct.dtype)
 
 
-def _lecture_paths(model: MLP) -> dict[str, tuple[str, str, str]]:
+def _lecture_paths(model: MLP | DeepMLP) -> dict[str, tuple[str, str, str]]:
     """Lecture name -> (collection, module, variable) of the Flax variables."""
+    if isinstance(model, DeepMLP):
+        paths = {"C": ("params", "embed", "embedding")}
+        for name in model.layer_names:
+            i = _layer_index(name)
+            if name.startswith("linear"):
+                paths[f"layers.{i}.weight"] = ("params", name, "kernel")
+                if not model.batchnorm:
+                    paths[f"layers.{i}.bias"] = ("params", name, "bias")
+            elif name.startswith("bn"):
+                paths |= {f"layers.{i}.gamma": ("params", name, "scale"),
+                          f"layers.{i}.beta": ("params", name, "bias"),
+                          f"layers.{i}.running_mean": ("batch_stats", name, "mean"),
+                          f"layers.{i}.running_var": ("batch_stats", name, "var")}
+        return paths
     paths = {"C": ("params", "embed", "embedding"), "W1": ("params", "hidden", "kernel")}
     if not model.batchnorm:
         paths["b1"] = ("params", "hidden", "bias")
@@ -199,7 +274,7 @@ def tensors_to_variables(tensors: dict[str, Any], model: nn.Module) -> dict:
     Returns {"params": ..., "batch_stats": ...} for `model.apply`; values are copied exactly
     (cast to the model's float32). Missing or extra names, or wrong sizes, raise ConfigError.
     """
-    m = _check_model(model)
+    m = check_model(model)
     paths = _lecture_paths(m)
     if set(tensors) != set(paths):
         missing, extra = sorted(set(paths) - set(tensors)), sorted(set(tensors) - set(paths))
@@ -219,7 +294,7 @@ def variables_to_tensors(variables: dict, model: nn.Module) -> dict:
     Parameters come back as leaf tensors without requires_grad; set it to train them.
     """
     torch = import_torch()
-    m = _check_model(model)
+    m = check_model(model)
     out = {}
     for name, (col, mod, var) in _lecture_paths(m).items():
         arr = np.array(variables[col][mod][var])
@@ -252,7 +327,7 @@ def state_dict_to_variables(state_dict: dict, model: nn.Module) -> dict:
     `bn.num_batches_tracked` is ignored (Flax keeps no counter). For the "lecture" preset the
     running std is sqrt(running_var).
     """
-    m = _check_model(model)
+    m = check_model(model, deep=False)
     paths = _state_dict_paths(m)
     keys = set(state_dict) - {"bn.num_batches_tracked"}
     if keys != set(paths):
@@ -276,7 +351,7 @@ def variables_to_state_dict(variables: dict, model: nn.Module,
                             num_batches_tracked: int = 0) -> OrderedDict:
     """Flax variables -> a state_dict that `torch_module(model).load_state_dict` accepts."""
     torch = import_torch()
-    m = _check_model(model)
+    m = check_model(model, deep=False)
     out = OrderedDict()
     for key, (col, mod, var, transposed) in _state_dict_paths(m).items():
         arr = np.array(variables[col][mod][var])
@@ -297,7 +372,7 @@ def torch_module(model: nn.Module):
     models.BN_PRESETS); eval-mode outputs match for every var preset.
     """
     torch = import_torch()
-    m = _check_model(model)
+    m = check_model(model, deep=False)
     spec = BN_PRESETS[m.bn_semantics]
 
     class TorchMLP(torch.nn.Module):
@@ -423,3 +498,120 @@ def lecture_split_loss(tensors: dict, X, Y) -> float:
         h = torch.tanh(hpreact)
         logits = h @ t["W2"] + t["b2"]
         return F.cross_entropy(logits, y).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# The deep network's PyTorch loop: the lecture's Linear / BatchNorm1d / Tanh classes
+
+
+def _lecture_layers(tensors: dict, model: DeepMLP, torch):
+    """The lecture's `layers` list over `tensors` (shared, not copied): callables x -> x."""
+
+    class Linear:  # the lecture's: self.out = x @ self.weight (+= self.bias)
+        def __init__(self, i):
+            self.weight, self.bias = tensors[f"layers.{i}.weight"], tensors.get(f"layers.{i}.bias")
+
+        def __call__(self, x):
+            out = x @ self.weight
+            if self.bias is not None:
+                out += self.bias
+            return out
+
+    class BatchNorm1d:  # the lecture's: unbiased var, eps 1e-5, momentum 0.1, running var
+        eps, momentum = 1e-5, 0.1
+
+        def __init__(self, i):
+            self.i, self.training = i, True
+            self.gamma, self.beta = tensors[f"layers.{i}.gamma"], tensors[f"layers.{i}.beta"]
+
+        def __call__(self, x):
+            key = f"layers.{self.i}.running_"
+            if self.training:
+                xmean, xvar = x.mean(0, keepdim=True), x.var(0, keepdim=True)
+            else:
+                xmean, xvar = tensors[key + "mean"], tensors[key + "var"]
+            out = self.gamma * ((x - xmean) / torch.sqrt(xvar + self.eps)) + self.beta
+            if self.training:
+                with torch.no_grad():
+                    m = self.momentum
+                    tensors[key + "mean"] = (1 - m) * tensors[key + "mean"] + m * xmean
+                    tensors[key + "var"] = (1 - m) * tensors[key + "var"] + m * xvar
+            return out
+
+    make = {"linear": Linear, "bn": BatchNorm1d, "tanh": lambda i: torch.tanh}
+    return [make[name.rstrip("0123456789")](_layer_index(name)) for name in model.layer_names]
+
+
+def lecture_train_deep(tensors: dict, generator, X, Y, steps: int, model: nn.Module,
+                       schedule: Schedule | None = None, batch_size: int = 32,
+                       num_threads: int | None = 1, ud: bool = False):
+    """The lecture's deep-network loop in PyTorch; returns (losses, tensors, ud).
+
+    tensors: from `lecture_init(model)`; generator continues the stream (one torch.randint per
+    step). losses (steps,) float32; ud: when asked, (steps, n_2d_params) float32, the lecture's
+    `ud` list restricted to its plotted 2-D parameters, log10(std(lr * grad) / std(param)) in
+    the order C, then each Linear weight (else None). The input tensors are left alone.
+    """
+    torch = import_torch()
+    import torch.nn.functional as F
+
+    m = check_model(model)
+    if not isinstance(m, DeepMLP):
+        raise ConfigError("lecture_train_deep trains the deep network; use lecture_train for "
+                          "the shallow MLP")
+    schedule = schedule or Schedule((0.1, 0.01), (150_000,))
+    Xtr, Ytr = torch.as_tensor(np.asarray(X, np.int64)), torch.as_tensor(np.asarray(Y, np.int64))
+    t = {k: v.detach().clone() for k, v in tensors.items()}
+    layers = _lecture_layers(t, m, torch)
+    names = [k for k in t if not k.split(".")[-1].startswith("running")]  # C, then layer order
+    parameters = [t[k] for k in names]
+    for p in parameters:
+        p.requires_grad = True
+    matrices = [i for i, p in enumerate(parameters) if p.ndim == 2]
+    lossi = np.empty(steps, np.float32)
+    udi = np.empty((steps, len(matrices)), np.float32) if ud else None
+    threads = torch.get_num_threads()
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    try:
+        for i in range(steps):
+            ix = torch.randint(0, Xtr.shape[0], (batch_size,), generator=generator)
+            Xb, Yb = Xtr[ix], Ytr[ix]
+            emb = t["C"][Xb]
+            x = emb.view(emb.shape[0], -1)
+            for layer in layers:
+                x = layer(x)
+            loss = F.cross_entropy(x, Yb)
+            for p in parameters:
+                p.grad = None
+            loss.backward()
+            lr = schedule.learning_rates[bisect.bisect_right(schedule.boundaries, i)]
+            for p in parameters:
+                p.data += -lr * p.grad
+            lossi[i] = loss.item()
+            if ud:
+                with torch.no_grad():
+                    udi[i] = [((lr * parameters[j].grad).std() / parameters[j].data.std())
+                              .log10().item() for j in matrices]
+    finally:
+        torch.set_num_threads(threads)
+    for p in parameters:
+        p.requires_grad = False
+    return lossi, t, udi
+
+
+def lecture_split_loss_deep(tensors: dict, X, Y, model: nn.Module) -> float:
+    """The deep network's eval-mode loss with the lecture's classes (running statistics)."""
+    torch = import_torch()
+    import torch.nn.functional as F
+
+    layers = _lecture_layers(dict(tensors), check_model(model), torch)
+    for layer in layers:
+        if hasattr(layer, "training"):
+            layer.training = False
+    x = torch.as_tensor(np.asarray(X, np.int64))
+    with torch.no_grad():
+        out = tensors["C"][x].view(x.shape[0], -1)
+        for layer in layers:
+            out = layer(out)
+        return F.cross_entropy(out, torch.as_tensor(np.asarray(Y, np.int64))).item()
