@@ -413,10 +413,7 @@ def lecture_train(tensors: dict, generator, X, Y, steps: int, schedule: Schedule
     (the lecture's figures use 1) is set for the loop and restored after.
     """
     torch = import_torch()
-    import torch.nn.functional as F
-
     schedule = schedule or Schedule()
-    Xtr, Ytr = torch.as_tensor(np.asarray(X, np.int64)), torch.as_tensor(np.asarray(Y, np.int64))
     t = {k: v.detach().clone() for k, v in tensors.items()}
     batchnorm = "bngain" in t
     if batchnorm and "bnstd_running" not in t:
@@ -425,14 +422,44 @@ def lecture_train(tensors: dict, generator, X, Y, steps: int, schedule: Schedule
     C, W1, W2, b2 = t["C"], t["W1"], t["W2"], t["b2"]
     if batchnorm:
         bngain, bnbias = t["bngain"], t["bnbias"]
-        bnmean_running, bnstd_running = t["bnmean_running"], t["bnstd_running"]
         parameters = [C, W1, W2, b2, bngain, bnbias]
     else:
         b1 = t["b1"]
         parameters = [C, W1, b1, W2, b2]
+
+    def forward(Xb):  # (B, T) -> logits (B, vocab), as the lecture's cell
+        emb = C[Xb]  # embed the characters into vectors
+        embcat = emb.view(emb.shape[0], -1)  # concatenate the vectors
+        if batchnorm:
+            hpreact = embcat @ W1  # hidden layer pre-activation (b1 dropped)
+            bnmeani = hpreact.mean(0, keepdim=True)
+            bnstdi = hpreact.std(0, keepdim=True)
+            hpreact = bngain * (hpreact - bnmeani) / bnstdi + bnbias
+            with torch.no_grad():
+                t["bnmean_running"] = 0.999 * t["bnmean_running"] + 0.001 * bnmeani
+                t["bnstd_running"] = 0.999 * t["bnstd_running"] + 0.001 * bnstdi
+        else:
+            hpreact = embcat @ W1 + b1  # hidden layer pre-activation
+        h = torch.tanh(hpreact)  # hidden layer
+        return h @ W2 + b2  # output layer
+
+    on_step = None if log is None else lambda i, lr, loss: log(i, loss)
+    lossi = _lecture_loop(torch, parameters, forward, generator, X, Y, steps, schedule,
+                          batch_size, num_threads, on_step)
+    return lossi, t
+
+
+def _lecture_loop(torch, parameters: list, forward, generator, X, Y, steps: int,
+                  schedule: Schedule, batch_size: int, num_threads: int | None,
+                  on_step: Callable[[int, float, float], None] | None) -> np.ndarray:
+    """The lecture's training loop around `forward` (its minibatch draw, cross-entropy,
+    backward and `p.data += -lr * p.grad`); trains `parameters` in place, returns the
+    (steps,) float32 losses. `on_step(i, lr, loss)` runs after each update."""
+    import torch.nn.functional as F
+
+    Xtr, Ytr = torch.as_tensor(np.asarray(X, np.int64)), torch.as_tensor(np.asarray(Y, np.int64))
     for p in parameters:
         p.requires_grad = True
-
     lossi = np.empty(steps, np.float32)
     threads = torch.get_num_threads()
     if num_threads:
@@ -442,22 +469,7 @@ def lecture_train(tensors: dict, generator, X, Y, steps: int, schedule: Schedule
             # minibatch construct
             ix = torch.randint(0, Xtr.shape[0], (batch_size,), generator=generator)
             Xb, Yb = Xtr[ix], Ytr[ix]  # batch X,Y
-            # forward pass
-            emb = C[Xb]  # embed the characters into vectors
-            embcat = emb.view(emb.shape[0], -1)  # concatenate the vectors
-            if batchnorm:
-                hpreact = embcat @ W1  # hidden layer pre-activation (b1 dropped)
-                bnmeani = hpreact.mean(0, keepdim=True)
-                bnstdi = hpreact.std(0, keepdim=True)
-                hpreact = bngain * (hpreact - bnmeani) / bnstdi + bnbias
-                with torch.no_grad():
-                    bnmean_running = 0.999 * bnmean_running + 0.001 * bnmeani
-                    bnstd_running = 0.999 * bnstd_running + 0.001 * bnstdi
-            else:
-                hpreact = embcat @ W1 + b1  # hidden layer pre-activation
-            h = torch.tanh(hpreact)  # hidden layer
-            logits = h @ W2 + b2  # output layer
-            loss = F.cross_entropy(logits, Yb)  # loss function
+            loss = F.cross_entropy(forward(Xb), Yb)  # forward pass, loss function
             # backward pass
             for p in parameters:
                 p.grad = None
@@ -467,16 +479,13 @@ def lecture_train(tensors: dict, generator, X, Y, steps: int, schedule: Schedule
             for p in parameters:
                 p.data += -lr * p.grad
             lossi[i] = loss.item()
-            if log is not None:
-                log(i, lossi[i])
+            if on_step is not None:
+                on_step(i, lr, lossi[i])
     finally:
         torch.set_num_threads(threads)
-
     for p in parameters:
         p.requires_grad = False
-    if batchnorm:
-        t["bnmean_running"], t["bnstd_running"] = bnmean_running, bnstd_running
-    return lossi, t
+    return lossi
 
 
 def lecture_split_loss(tensors: dict, X, Y) -> float:
@@ -553,51 +562,33 @@ def lecture_train_deep(tensors: dict, generator, X, Y, steps: int, model: nn.Mod
     the order C, then each Linear weight (else None). The input tensors are left alone.
     """
     torch = import_torch()
-    import torch.nn.functional as F
-
     m = check_model(model)
     if not isinstance(m, DeepMLP):
         raise ConfigError("lecture_train_deep trains the deep network; use lecture_train for "
                           "the shallow MLP")
     schedule = schedule or Schedule((0.1, 0.01), (150_000,))
-    Xtr, Ytr = torch.as_tensor(np.asarray(X, np.int64)), torch.as_tensor(np.asarray(Y, np.int64))
     t = {k: v.detach().clone() for k, v in tensors.items()}
     layers = _lecture_layers(t, m, torch)
     names = [k for k in t if not k.split(".")[-1].startswith("running")]  # C, then layer order
     parameters = [t[k] for k in names]
-    for p in parameters:
-        p.requires_grad = True
-    matrices = [i for i, p in enumerate(parameters) if p.ndim == 2]
-    lossi = np.empty(steps, np.float32)
-    udi = np.empty((steps, len(matrices)), np.float32) if ud else None
-    threads = torch.get_num_threads()
-    if num_threads:
-        torch.set_num_threads(num_threads)
-    try:
-        for i in range(steps):
-            ix = torch.randint(0, Xtr.shape[0], (batch_size,), generator=generator)
-            Xb, Yb = Xtr[ix], Ytr[ix]
-            emb = t["C"][Xb]
-            x = emb.view(emb.shape[0], -1)
-            for layer in layers:
-                x = layer(x)
-            loss = F.cross_entropy(x, Yb)
-            for p in parameters:
-                p.grad = None
-            loss.backward()
-            lr = schedule.learning_rates[bisect.bisect_right(schedule.boundaries, i)]
-            for p in parameters:
-                p.data += -lr * p.grad
-            lossi[i] = loss.item()
-            if ud:
-                with torch.no_grad():
-                    udi[i] = [((lr * parameters[j].grad).std() / parameters[j].data.std())
-                              .log10().item() for j in matrices]
-    finally:
-        torch.set_num_threads(threads)
-    for p in parameters:
-        p.requires_grad = False
-    return lossi, t, udi
+    matrices = [p for p in parameters if p.ndim == 2]
+
+    def forward(Xb):
+        emb = t["C"][Xb]
+        x = emb.view(emb.shape[0], -1)
+        for layer in layers:
+            x = layer(x)
+        return x
+
+    udi = []
+
+    def record_ud(i, lr, loss):
+        with torch.no_grad():
+            udi.append([((lr * p.grad).std() / p.data.std()).log10().item() for p in matrices])
+
+    lossi = _lecture_loop(torch, parameters, forward, generator, X, Y, steps, schedule,
+                          batch_size, num_threads, record_ud if ud else None)
+    return lossi, t, np.array(udi, np.float32).reshape(steps, len(matrices)) if ud else None
 
 
 def lecture_split_loss_deep(tensors: dict, X, Y, model: nn.Module) -> float:
