@@ -389,8 +389,8 @@ def build_parser() -> Parser:
                    help="saturation threshold of |tanh| (default 0.97 deep, 0.99 shallow)")
     g.set_defaults(func=cmd_diagnose)
 
-    r = sub.add_parser("reproduce", help="train all five stages, write DIR/reproduce.json and "
-                       "DIR/reproduce.md beside the lecture's PyTorch figures")
+    r = sub.add_parser("reproduce", help="train the lecture's stages (default the five), write "
+                       "DIR/reproduce.json and DIR/reproduce.md beside its PyTorch figures")
     r.add_argument("--torch-stream", action="store_true",
                    help="the PyTorch lecture's initial tensors and minibatches (needs torch)")
     r.add_argument("--steps", type=int, default=200_000)
