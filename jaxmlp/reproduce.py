@@ -21,7 +21,7 @@ from jaxmlp.checkpoint import write_atomic, write_json
 from jaxmlp.data import Dataset
 from jaxmlp.errors import ConfigError
 from jaxmlp.evaluate import split_losses
-from jaxmlp.stages import SCHEDULES, STAGES, check_stage, make_model
+from jaxmlp.stages import SCHEDULES, STAGES, check_stage, make_model, stage_names
 from jaxmlp.train import TrainConfig, create_train_state, fit
 
 # The lecture's results in PyTorch: REFERENCE.md, "PyTorch results (ground truth)" (generator
@@ -88,7 +88,7 @@ def reproduce(data: Dataset, *, stages=None, steps: int = PYTORCH_STEPS,
     stages = list(STAGES) if stages is None else list(stages)
     if not stages:
         raise ConfigError("no stages to reproduce; pass --stages with at least one of "
-                          f"{', '.join(STAGES)}")
+                          f"{', '.join(stage_names())}")
     for stage in stages:
         check_stage(stage)
     results = {}
