@@ -11,6 +11,7 @@
 #     PYTHONPATH=. python experiments/compare_torch.py                     # batchnorm, 5,000 steps
 #     PYTHONPATH=. python experiments/compare_torch.py --stage original --steps 2000
 #     PYTHONPATH=. python experiments/compare_torch.py --full              # 200,000 steps
+#     PYTHONPATH=. python experiments/compare_torch.py --stage deep-nobn   # the deep network
 #
 # Needs torch (`pip install torch==2.13.0`, then the project with its `[torch]` extra).
 
@@ -24,20 +25,22 @@ import numpy as np
 from jaxmlp.data import load_dataset
 from jaxmlp.errors import JaxmlpError
 from jaxmlp.evaluate import split_losses
-from jaxmlp.stages import SCHEDULES, STAGES, make_model
+from jaxmlp.stages import SCHEDULES, make_model, stage_names
 from jaxmlp.torch_bridge import (
     import_torch,
     lecture_init,
     lecture_split_loss,
+    lecture_split_loss_deep,
     lecture_stream,
     lecture_train,
+    lecture_train_deep,
 )
 from jaxmlp.train import TrainConfig, fit
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="jaxmlp against the PyTorch lecture, step by step")
-    p.add_argument("--stage", default="batchnorm", choices=list(STAGES))
+    p.add_argument("--stage", default="batchnorm", choices=stage_names())
     p.add_argument("--steps", type=int, default=5_000)
     p.add_argument("--full", action="store_true", help="the lecture's 200,000 steps")
     # In a notebook (or `python -i`) the kernel's own argv is not ours.
@@ -74,8 +77,12 @@ jax_us = (jax_run.seconds - jax_run.compile_seconds) / steps * 1e6
 # %% PyTorch: the lecture's loop, drawing its own batches from its own generator
 tensors, g = lecture_init(model)
 t0 = time.perf_counter()
-torch_losses, torch_tensors = lecture_train(tensors, g, *data.train, steps,
-                                            schedule=config.schedule)
+if args.stage.startswith("deep"):  # the lecture's Linear / BatchNorm1d / Tanh classes
+    torch_losses, torch_tensors, _ = lecture_train_deep(tensors, g, *data.train, steps, model,
+                                                        schedule=config.schedule)
+else:
+    torch_losses, torch_tensors = lecture_train(tensors, g, *data.train, steps,
+                                                schedule=config.schedule)
 torch_us = (time.perf_counter() - t0) / steps * 1e6
 
 # %% Side by side, with the divergence so far
@@ -94,7 +101,9 @@ print(f"first step with a relative difference above 1e-4: {beyond[0] if beyond.s
 jax_split = split_losses(model, jax_run.state.variables, data)
 print(f"\n{'split':>5} {'PyTorch':>9} {'jaxmlp':>9} {'diff':>9}")
 for split, loss in jax_split.items():
-    ref = lecture_split_loss(torch_tensors, *data.split(split))
+    ref = (lecture_split_loss_deep(torch_tensors, *data.split(split), model)
+           if args.stage.startswith("deep") else lecture_split_loss(torch_tensors,
+                                                                   *data.split(split)))
     print(f"{split:>5} {ref:9.4f} {loss:9.4f} {round(loss - ref, 4) + 0.0:+9.4f}")
 print(f"\ntime per step: PyTorch {torch_us:.0f} us, jaxmlp {jax_us:.0f} us "
       f"(+{jax_run.compile_seconds:.1f} s compile)")
