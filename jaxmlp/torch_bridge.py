@@ -54,7 +54,7 @@ from flax import linen as nn
 from jaxmlp.errors import ConfigError, JaxmlpError
 from jaxmlp.models import BN_PRESETS, MLP, DeepMLP
 from jaxmlp.stages import TANH_GAIN, Schedule
-from jaxmlp.train import TrainConfig, create_train_state, make_optimizer
+from jaxmlp.train import TrainConfig, TrainState, make_optimizer
 
 LECTURE_SEED = 2147483647  # torch.Generator().manual_seed(2147483647) in the lecture
 INSTALL_HINT = ("PyTorch is not installed; run `pip install torch==2.13.0`, then install jaxmlp "
@@ -199,9 +199,12 @@ def lecture_train_state(model: nn.Module, config: TrainConfig, seed: int = LECTU
     """(TrainState holding the lecture's initial variables, the generator after the init)."""
     tensors, g = lecture_init(model, seed)
     variables = tensors_to_variables(tensors, model)
-    state = create_train_state(jax.random.key(0), model, config)
-    state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
-                          opt_state=make_optimizer(config).init(variables["params"]))
+    # The key is unused (the batches come from the stream) but kept as create_train_state's
+    # for key(0); building the state directly skips an eager init (seconds for DeepMLP).
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                       batch_stats=variables["batch_stats"],
+                       opt_state=make_optimizer(config).init(variables["params"]),
+                       key=jax.random.split(jax.random.key(0))[1])
     return state, g
 
 
