@@ -47,6 +47,7 @@ from jaxmlp.train import (
     make_optimizer,
     run_steps,
     sample_batch,
+    sample_batches,
 )
 
 DEEP_SATURATION = 0.97  # the lecture's threshold for the deep network's tanh layers
@@ -270,9 +271,8 @@ def run_diagnosed(state: TrainState, X: jax.Array, Y: jax.Array,
     X, Y = jnp.asarray(X), jnp.asarray(Y)  # numpy arrays cannot be indexed by traced indices
     tx = make_optimizer(config)
     if batch_ix is None:  # the minibatches `run_steps` draws, for all steps at once
-        steps = state.step + jnp.arange(num_steps, dtype=jnp.int32)
-        batch_ix = jax.vmap(sample_batch, in_axes=(None, 0, None, None))(
-            state.key, steps, X.shape[0], config.batch_size)
+        batch_ix = sample_batches(state.key, state.step, num_steps, X.shape[0],
+                                  config.batch_size)
 
     def instrumented(state, ix):
         Xb, Yb = X[ix], Y[ix]
