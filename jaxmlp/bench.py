@@ -55,57 +55,18 @@ def torch_available() -> tuple[bool, str | None]:
 
 
 def torch_lecture_loop(Xtr: np.ndarray, Ytr: np.ndarray, steps: int, *, threads: int | None = None,
-                       seed: int = 2147483647, log_every: int = 10_000,
-                       log=None) -> tuple[float, list[float]]:
-    """The lecture's batchnorm-stage loop (makemore part 3), as written there, for `steps`
-    steps; returns (seconds of the loop, lossi). `threads`: torch.set_num_threads."""
-    import torch
-    import torch.nn.functional as F
+                       log_every: int = 10_000, log=None) -> tuple[float, np.ndarray]:
+    """The lecture's batchnorm-stage loop (`torch_bridge.lecture_train`, from the lecture's
+    initial tensors) for `steps` steps; returns (seconds of the loop alone, (steps,) losses)."""
+    from jaxmlp.stages import make_model
+    from jaxmlp.torch_bridge import lecture_init, lecture_train
 
-    if threads is not None:
-        torch.set_num_threads(threads)
-    Xtr, Ytr = torch.as_tensor(Xtr, dtype=torch.long), torch.as_tensor(Ytr, dtype=torch.long)
-    n_embd, n_hidden, vocab_size, block_size, batch_size = 10, 200, 27, Xtr.shape[1], 32
-    g = torch.Generator().manual_seed(seed)
-    C = torch.randn((vocab_size, n_embd), generator=g)
-    W1 = torch.randn((n_embd * block_size, n_hidden), generator=g) * (5 / 3) / ((n_embd *
-                                                                                block_size) ** 0.5)
-    W2 = torch.randn((n_hidden, vocab_size), generator=g) * 0.01
-    b2 = torch.randn(vocab_size, generator=g) * 0
-    bngain = torch.ones((1, n_hidden))
-    bnbias = torch.zeros((1, n_hidden))
-    bnmean_running = torch.zeros((1, n_hidden))
-    bnstd_running = torch.ones((1, n_hidden))
-    parameters = [C, W1, W2, b2, bngain, bnbias]
-    for p in parameters:
-        p.requires_grad = True
-    lossi = []
+    tensors, g = lecture_init(make_model("batchnorm", vocab_size=27, block_size=Xtr.shape[1]))
+    on_step = None if log is None else (
+        lambda i, loss: log(f"{i:7d}/{steps:7d}: {loss:.4f}") if i % log_every == 0 else None)
     t0 = time.perf_counter()
-    for i in range(steps):
-        ix = torch.randint(0, Xtr.shape[0], (batch_size,), generator=g)
-        Xb, Yb = Xtr[ix], Ytr[ix]
-        emb = C[Xb]
-        embcat = emb.view(emb.shape[0], -1)
-        hpreact = embcat @ W1
-        bnmeani = hpreact.mean(0, keepdim=True)
-        bnstdi = hpreact.std(0, keepdim=True)
-        hpreact = bngain * (hpreact - bnmeani) / bnstdi + bnbias
-        with torch.no_grad():
-            bnmean_running = 0.999 * bnmean_running + 0.001 * bnmeani
-            bnstd_running = 0.999 * bnstd_running + 0.001 * bnstdi
-        h = torch.tanh(hpreact)
-        logits = h @ W2 + b2
-        loss = F.cross_entropy(logits, Yb)
-        for p in parameters:
-            p.grad = None
-        loss.backward()
-        lr = 0.1 if i < 100000 else 0.01
-        for p in parameters:
-            p.data += -lr * p.grad
-        if log is not None and i % log_every == 0:
-            log(f"{i:7d}/{steps:7d}: {loss.item():.4f}")
-        lossi.append(loss.log10().item())
-    return time.perf_counter() - t0, lossi
+    losses, _ = lecture_train(tensors, g, Xtr, Ytr, steps, num_threads=threads, log=on_step)
+    return time.perf_counter() - t0, losses
 
 
 def time_torch(Xtr, Ytr, steps: int, threads: int, repeats: int = 3) -> float:

@@ -12,6 +12,7 @@ import pytest
 
 from jaxmlp import torch_bridge as tb
 from jaxmlp.cli import main
+from jaxmlp.errors import ConfigError, JaxmlpError
 from jaxmlp.stages import STAGES, make_model
 from jaxmlp.train import TrainConfig, fit
 
@@ -186,14 +187,14 @@ def test_torch_module_computes_what_the_flax_model_computes(torch, stage, names_
 def test_conversion_rejects_tensors_of_another_model(torch):
     model = make_model("batchnorm", vocab_size=27)
     tensors, _ = tb.lecture_init(make_model("kaiming", vocab_size=27))
-    with pytest.raises(tb.ConfigError, match=r"missing.*bngain.*unexpected.*b1"):
+    with pytest.raises(ConfigError, match=r"missing.*bngain.*unexpected.*b1"):
         tb.tensors_to_variables(tensors, model)
     tensors, _ = tb.lecture_init(make_model("batchnorm", vocab_size=27, n_hidden=50))
-    with pytest.raises(tb.ConfigError, match=r"W1 has shape \(30, 50\).*needs \(30, 200\)"):
+    with pytest.raises(ConfigError, match=r"W1 has shape \(30, 50\).*needs \(30, 200\)"):
         tb.tensors_to_variables(tensors, model)
     tensors, _ = tb.lecture_init(model)
     tensors["W1"] = tensors["W1"].T.contiguous()  # torch Linear's (out, in) layout
-    with pytest.raises(tb.ConfigError, match=r"W1 has shape \(200, 30\).*\(in, out\)"):
+    with pytest.raises(ConfigError, match=r"W1 has shape \(200, 30\).*\(in, out\)"):
         tb.tensors_to_variables(tensors, model)
 
 
@@ -235,7 +236,7 @@ def test_without_torch_a_one_line_error_and_nothing_written(monkeypatch, tmp_pat
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
     with pytest.raises(tb.TorchNotInstalledError, match=r"pip install torch==2\.13\.0") as e:
         tb.lecture_init(make_model("batchnorm", vocab_size=27))
-    assert isinstance(e.value, tb.JaxmlpError) and "\n" not in str(e.value)
+    assert isinstance(e.value, JaxmlpError) and "\n" not in str(e.value)
     assert "[torch]" in str(e.value)
     for argv in (["train", "--torch-stream", "--steps", "10", "--out", str(tmp_path / "a")],
                  ["reproduce", "--torch-stream", "--steps", "10", "--out", str(tmp_path / "b")]):
