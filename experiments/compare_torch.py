@@ -25,7 +25,7 @@ import numpy as np
 from jaxmlp.data import load_dataset
 from jaxmlp.errors import JaxmlpError
 from jaxmlp.evaluate import split_losses
-from jaxmlp.stages import SCHEDULES, make_model, stage_names
+from jaxmlp.stages import get_stage, make_model, stage_names
 from jaxmlp.torch_bridge import (
     import_torch,
     lecture_init,
@@ -61,11 +61,11 @@ try:
     torch = import_torch()
 except JaxmlpError as e:
     sys.exit(f"compare_torch: error: {e}")  # one line, exit status 1
-torch.set_num_threads(1)  # the lecture's figures (REFERENCE.md) are single-threaded
+torch.set_num_threads(1)  # the lecture's figures (docs/reference.md) are single-threaded
 
 data = load_dataset()
 model = make_model(args.stage, data.vocab.size)
-config = TrainConfig(steps=steps, schedule=SCHEDULES[args.stage])
+config = TrainConfig(steps=steps, schedule=get_stage(args.stage).schedule)
 print(f"stage {args.stage}, {steps:,} steps; torch {torch.__version__} "
       f"({torch.get_num_threads()} thread)")
 

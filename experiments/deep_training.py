@@ -5,7 +5,7 @@
 # `jaxmlp.train_run`, the code path of `jaxmlp train` (one after the other, about a minute each
 # on 2 CPU cores), unless their run directories already hold finished runs, then draws both
 # loss curves in one figure and writes the final losses beside the PyTorch lecture's
-# (REFERENCE.md, "The deep network").
+# (docs/reference.md, "The deep network").
 #
 #     python experiments/deep_training.py [--runs runs] [--out docs/figures] [--steps 200000]
 
@@ -20,13 +20,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
 from jaxmlp import TrainConfig, plan_new_run, train_run
-from jaxmlp.plot import bucket_log10, plt, save_figure
-from jaxmlp.reproduce import PYTORCH_DEEP_RESULTS
-from jaxmlp.stages import SCHEDULES
+from jaxmlp.figures import bucket_log10, plt, save_figure
+from jaxmlp.stages import DEEP_STAGES, get_stage
 
-# REFERENCE.md: PyTorch 2.13 CPU, 1 thread; its wall time of the 200,000 steps
-PYTORCH = {stage: {**ref, "seconds": seconds} for (stage, ref), seconds
-           in zip(PYTORCH_DEEP_RESULTS.items(), (289, 108), strict=True)}
+# The PyTorch lecture's figures (docs/reference.md): PyTorch 2.13 CPU, 1 thread.
+PYTORCH = {stage: {**s.reference.as_dict(), "seconds": s.reference.seconds}
+           for stage, s in DEEP_STAGES.items()}
 
 parser = argparse.ArgumentParser(description="Train the deep networks and plot their losses.")
 parser.add_argument("--runs", type=Path, default=Path("runs"))
@@ -41,7 +40,7 @@ for stage in PYTORCH:
     run = args.runs / f"{stage}-s{args.seed}"
     metrics = run / "metrics.json"
     if not (metrics.is_file() and json.loads(metrics.read_text())["steps"] == args.steps):
-        config = TrainConfig(steps=args.steps, schedule=SCHEDULES[stage])
+        config = TrainConfig(steps=args.steps, schedule=get_stage(stage).schedule)
         train_run(plan_new_run(stage, seed=args.seed, config=config, out=run, force=True),
                   progress=False)
     m = json.loads(metrics.read_text())

@@ -31,12 +31,12 @@ def measure(mode: str, stage: str, steps: int, stats_every: int) -> dict:
 
     from jaxmlp import diagnostics as diag
     from jaxmlp.data import load_dataset
-    from jaxmlp.stages import SCHEDULES, make_model
+    from jaxmlp.stages import get_stage, make_model
     from jaxmlp.train import TrainConfig, create_train_state, fit
 
     data = load_dataset()
     model = make_model(stage, data.vocab.size)
-    config = TrainConfig(steps=steps, schedule=SCHEDULES[stage])
+    config = TrainConfig(steps=steps, schedule=get_stage(stage).schedule)
     state = create_train_state(jax.random.key(0), model, config)
     jax.block_until_ready(state)
     if mode == "steady":  # once compiled: microseconds per step, best of 3

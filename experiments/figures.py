@@ -24,10 +24,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
+from jaxmlp import diagnosis, figures, init
 from jaxmlp import diagnostics as diag
-from jaxmlp import figures
 from jaxmlp.data import load_dataset
-from jaxmlp.stages import SCHEDULES, STAGES, make_model
+from jaxmlp.stages import STAGES, get_stage, make_model
 from jaxmlp.train import TrainConfig, create_train_state
 
 parser = argparse.ArgumentParser(description="Regenerate the diagnostic figures.")
@@ -73,10 +73,10 @@ print(json.dumps(summary["shallow"], indent=1))
 summary["deep"] = {}
 for stage in ("deep", "deep-nobn"):
     model = make_model(stage, data.vocab.size)
-    config = TrainConfig(steps=STEPS, schedule=SCHEDULES[stage])
+    config = TrainConfig(steps=STEPS, schedule=get_stage(stage).schedule)
     state = create_train_state(jax.random.key(args.seed), model, config)
     d = diag.diagnose(state, *data.train, model, config, steps=STEPS, stats_every=STEPS // 10)
-    report = diag.to_json(d)
+    report = diagnosis.to_json(d)
     shapes = {w["name"]: w["shape"] for w in report["weights"]}
     written += figures.write_diagnosis_figures(d, OUT / stage, stage, shapes)
     summary["deep"][stage] = {
@@ -112,10 +112,10 @@ summary["gain_study"] = {
 # ## The articles' initialisation demos
 
 # %%
-demo = diag.fan_in_demo(jax.random.key(args.seed))
+demo = init.fan_in_demo(jax.random.key(args.seed))
 written.append(figures.plot_fan_in_demo(demo, OUT / "fan-in.png"))
 summary["fan_in"] = {label: float(np.std(y)) for label, y in demo["outputs"].items()}
-demo = diag.linear_bn_demo(jax.random.key(args.seed))
+demo = init.linear_bn_demo(jax.random.key(args.seed))
 written.append(figures.plot_linear_bn_demo(demo, OUT / "linear-batchnorm.png"))
 summary["linear_bn"] = {net: {k: float(np.std(v)) for k, v in t.items()}
                         for net, t in demo.items()}

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from jaxmlp import diagnostics as diag
 from jaxmlp import torch_bridge as tb
 from jaxmlp.data import load_dataset
-from jaxmlp.stages import SCHEDULES, make_model
+from jaxmlp.stages import get_stage, make_model
 from jaxmlp.train import TrainConfig
 
 parser = argparse.ArgumentParser(description=__doc__)
@@ -32,7 +32,7 @@ args, _ = parser.parse_known_args()
 
 data = load_dataset()
 model = make_model(args.stage, data.vocab.size)
-config = TrainConfig(steps=args.steps, schedule=SCHEDULES[args.stage])
+config = TrainConfig(steps=args.steps, schedule=get_stage(args.stage).schedule)
 
 # %% PyTorch: the lecture's classes and its `ud`
 tensors, g = tb.lecture_init(model)

@@ -4,8 +4,8 @@
     time_torch            its us/step at a given thread count (best of a few repeats)
     time_single           jaxmlp's single run through `fit` (us/step without compilation)
     time_sweep            `sweep.train_many` of K seeds: us per step and per model-step
-    time_full             the issue's outside timing: wall time of 200,000 minus 20,000 steps,
-                          divided by 180,000, for `jaxmlp train` and for the PyTorch loop
+    time_full             timed from outside: wall time of a full `jaxmlp train` minus that of a
+                          tenth of it, per step, and the same for the PyTorch loop
     run_bench             all of them -> a dict (bench.json) and a printed table
 
 `jaxmlp bench` and experiments/benchmark.py call `run_bench`. Timings on a shared machine are
@@ -104,13 +104,13 @@ def time_sweep(data, k: int, steps: int, stage: str = "batchnorm", repeats: int 
     """`train_many` of seeds 0..k-1: us per (vmapped) step, per model-step, and compile time.
     `states`: the stacked initial states of at least k seeds (default: drawn here)."""
     from jaxmlp.stages import make_model
-    from jaxmlp.sweep import _sweep_chunk, _take_runs, seed_states, train_many
+    from jaxmlp.sweep import seed_states, sweep_chunk, take_runs, train_many
     from jaxmlp.train import TrainConfig
 
     model = make_model(stage, data.vocab.size, block_size=data.block_size)
-    chunk = min(steps, _sweep_chunk(k))
+    chunk = min(steps, sweep_chunk(k))
     config = TrainConfig(steps=steps, chunk=chunk)
-    states = seed_states(range(k), model, config) if states is None else _take_runs(states, k)
+    states = seed_states(range(k), model, config) if states is None else take_runs(states, k)
     best, compile_s, devices = float("inf"), None, None
     for _ in range(repeats):
         r = train_many(states, *data.train, model, config, chunk=chunk)
@@ -122,7 +122,7 @@ def time_sweep(data, k: int, steps: int, stage: str = "batchnorm", repeats: int 
 
 
 # ---------------------------------------------------------------------------------------------
-# Timed from outside: the issue's "done when" figure
+# Timed from outside: start-up and compilation cancel out
 
 
 def _wall(cmd: list[str], env: dict | None = None) -> float:
@@ -131,10 +131,15 @@ def _wall(cmd: list[str], env: dict | None = None) -> float:
     return time.perf_counter() - t0
 
 
-def time_full(long_steps: int = 200_000, short_steps: int = 20_000,
+def time_full(long_steps: int | None = None, short_steps: int | None = None,
               torch_threads: int = 1, data_path: str | None = None) -> dict[str, Any]:
     """(wall(long) - wall(short)) / (long - short) in us, for `jaxmlp train --stage batchnorm`
-    and for the PyTorch lecture loop (each a fresh process, timed from outside)."""
+    and for the PyTorch lecture loop (each a fresh process, timed from outside). Default: the
+    lecture's run length and a tenth of it."""
+    from jaxmlp.train import TrainConfig
+
+    long_steps = long_steps or TrainConfig().steps
+    short_steps = short_steps or long_steps // 10
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
     out: dict[str, Any] = {"ran": True, "reason": None, "long_steps": long_steps,

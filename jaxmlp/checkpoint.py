@@ -1,6 +1,7 @@
-"""Run directories: the spec that made a run, its checkpoints, its results.
+"""The files of a run directory: its spec, its checkpoints, atomic writes.
 
-    DIR/run.json           RunSpec: stage, seed, model fields, train config, vocabulary
+    DIR/run.json           RunSpec: format marker, stage, seed, model fields, train config,
+                           vocabulary, the names file (absolute path)
     DIR/checkpoint.msgpack the whole training state (see below), rewritten every chunk
     DIR/losses.npy         every step's minibatch loss (written when training ends)
     DIR/loss.png           the loss curve
@@ -12,26 +13,23 @@ A checkpoint is flax.serialization msgpack, two levels deep so that damage is de
     {"format": "jaxmlp-checkpoint", "version": 1, "sha256": hex digest of payload,
      "payload": msgpack of {"spec": run.json's text, "state": TrainState (key as raw uint32
                             key data), "losses": (step,) float32, "data_sha256": hex digest of
-                            the names file, "replaces": "" or the run dir this run replaces}}
+                            the names file, "replaces": "" or the run dir this run replaces,
+                            "replaces_fingerprint": that run's `fingerprint` when planned}}
 
 It holds everything a resumed run needs (params, batch_stats, optimizer state, step, PRNG key,
 the loss history and the spec), so a resumed run continues bit for bit. Every file is written
-to a temporary name, flushed to disk and renamed over the old one: a crash or a failed write
-at any moment leaves the previous version whole.
+to a temporary name (created exclusively, never through a symlink), flushed to disk and renamed
+over the old one: a crash or a failed write at any moment leaves the previous version whole.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import hashlib
 import json
 import math
 import os
-import shutil
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +41,13 @@ from flax import serialization
 from jaxmlp import models
 from jaxmlp.data import END, Vocab
 from jaxmlp.errors import DivergenceError, JaxmlpError, RunError
-from jaxmlp.stages import Schedule
-from jaxmlp.train import TrainConfig, TrainState, create_train_state
+from jaxmlp.train import Schedule, TrainConfig, TrainState, all_finite, create_train_state
 
 SPEC_FILE, CKPT_FILE, METRICS_FILE = "run.json", "checkpoint.msgpack", "metrics.json"
 LOSSES_FILE, PLOT_FILE = "losses.npy", "loss.png"
+RUN_FILES = (SPEC_FILE, CKPT_FILE, LOSSES_FILE, PLOT_FILE, METRICS_FILE)  # all jaxmlp writes
 FORMAT, VERSION = "jaxmlp-checkpoint", 1
+RUN_FORMAT, RUN_VERSION = "jaxmlp-run", 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +66,7 @@ class RunSpec:
         fields = {f.name: getattr(self.model, f.name) for f in dataclasses.fields(self.model)
                   if f.name not in ("parent", "name")}
         return {
+            "format": RUN_FORMAT, "version": RUN_VERSION,
             "stage": self.stage, "seed": self.seed, "data": self.data,
             "torch_stream": self.torch_stream, "vocab": "".join(self.vocab.chars),
             "model": {"class": type(self.model).__name__, **fields},
@@ -79,6 +79,10 @@ class RunSpec:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> RunSpec:
         """Inverse of `to_json`; ValueError/KeyError/TypeError for anything malformed."""
+        if d.get("format") != RUN_FORMAT:
+            raise ValueError("not a jaxmlp run.json")
+        if d.get("version") != RUN_VERSION:
+            raise ValueError(f"run.json version {d.get('version')!r}")
         m = dict(d["model"])
         model_cls = getattr(models, m.pop("class"), None)
         if not (isinstance(model_cls, type) and issubclass(model_cls, nn.Module)):
@@ -103,6 +107,16 @@ class RunSpec:
                    data=d["data"], torch_stream=bool(d.get("torch_stream", False)))
 
 
+def is_run_spec(path: str | Path) -> bool:
+    """Whether `path` is a run.json that jaxmlp wrote (its format marker, parsable)."""
+    try:
+        RunSpec.from_json(json.loads(Path(path).read_bytes()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError,
+            JaxmlpError):
+        return False
+    return True
+
+
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
     """A loaded checkpoint: the state and everything needed to continue from it."""
@@ -111,7 +125,8 @@ class Checkpoint:
     state: TrainState
     losses: np.ndarray  # (step,) float32: the minibatch loss of every step so far
     data_sha256: str  # of the names file the run trains on ("" if not recorded)
-    replaces: str  # "" or the run directory this run replaces when it finishes (--force)
+    replaces: str = ""  # "" or the run directory this run replaces when it finishes (--force)
+    replaces_fingerprint: str = ""  # that directory's `runs.fingerprint` when it was planned
 
     @property
     def step(self) -> int:
@@ -126,19 +141,23 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
 
     Readers see the old file or the new one, never a mix; if anything fails (disk full, a
     kill) the old file is untouched and the temporary one is removed (or, after a kill,
-    overwritten by the next write).
+    replaced by the next write). The temporary file is created exclusively and never through
+    a symlink: whatever sits at its name (a stale file, a planted link) is unlinked first.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     try:
-        with open(tmp, "wb") as f:
+        with open(os.open(tmp, flags, 0o644), "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
-        tmp.replace(path)
+        os.replace(tmp, path)  # replaces a symlink at `path` itself, never its target
     except BaseException:
         with contextlib.suppress(OSError):
-            tmp.unlink()
+            os.unlink(tmp)
         raise
     _fsync_dir(path.parent)  # make the rename itself durable
 
@@ -157,26 +176,12 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file: a resumed run checks that it trains on the same names."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 # ------------------------------------------------------------------------- (de)serialising
 
 
-def state_to_bytes(state: TrainState) -> bytes:
-    """The bare TrainState as flax msgpack (typed PRNG keys are stored as raw key data)."""
-    return serialization.to_bytes(state.replace(key=jax.random.key_data(state.key)))
-
-
-def state_from_bytes(template: TrainState, blob: bytes) -> TrainState:
-    raw = serialization.from_bytes(template.replace(key=jax.random.key_data(template.key)), blob)
-    return raw.replace(key=jax.random.wrap_key_data(raw.key))
-
-
 def checkpoint_to_bytes(spec: RunSpec, state: TrainState, losses: np.ndarray,
-                        data_sha256: str = "", replaces: str = "") -> bytes:
+                        data_sha256: str = "", replaces: str = "",
+                        replaces_fingerprint: str = "") -> bytes:
     """The checkpoint file's bytes (see the module docstring)."""
     losses = np.asarray(losses, np.float32)
     if losses.shape != (int(state.step),) and losses.size:
@@ -188,6 +193,7 @@ def checkpoint_to_bytes(spec: RunSpec, state: TrainState, losses: np.ndarray,
         "losses": losses,
         "data_sha256": data_sha256,
         "replaces": replaces,
+        "replaces_fingerprint": replaces_fingerprint,
     })
     return serialization.msgpack_serialize({
         "format": FORMAT, "version": VERSION,
@@ -258,7 +264,8 @@ def checkpoint_from_bytes(blob: bytes, spec: RunSpec, where: str = "checkpoint")
     if not np.isfinite(losses).all():
         raise corrupted("non-finite loss history")
     return Checkpoint(ck_spec, state, losses.astype(np.float32),
-                      str(inner.get("data_sha256", "")), str(inner.get("replaces", "")))
+                      str(inner.get("data_sha256", "")), str(inner.get("replaces", "")),
+                      str(inner.get("replaces_fingerprint", "")))
 
 
 def _spec_differences(saved: dict, expected: dict, limit: int = 3) -> str:
@@ -294,29 +301,30 @@ def _same(x, y) -> bool:
 
 
 def save_checkpoint(run: str | Path, spec: RunSpec, state: TrainState, losses: np.ndarray,
-                    data_sha256: str = "", replaces: str = "") -> None:
+                    data_sha256: str = "", replaces: str = "",
+                    replaces_fingerprint: str = "") -> None:
     """Atomically (re)write DIR/checkpoint.msgpack; refuses a non-finite state.
 
-    A failed write raises RunError and leaves the previous checkpoint as it was.
+    A failed write raises RunError and leaves the previous checkpoint (if any) as it was.
     """
-    from jaxmlp.train import _all_finite
-
     run = Path(run)
-    if not bool(_all_finite((state.params, state.batch_stats, state.opt_state))):
+    kept = ("the previous checkpoint is kept" if (run / CKPT_FILE).is_file()
+            else "no checkpoint was written yet")
+    if not bool(all_finite((state.params, state.batch_stats, state.opt_state))):
         raise DivergenceError(f"refusing to checkpoint a non-finite state at step "
-                              f"{int(state.step)}; the previous checkpoint in {str(run)!r} is "
-                              "kept: lower the learning rate (--lr)", step=int(state.step))
-    blob = checkpoint_to_bytes(spec, state, losses, data_sha256, replaces)
+                              f"{int(state.step)}; {kept} in {str(run)!r}: lower the learning "
+                              "rate (--lr)", step=int(state.step))
+    blob = checkpoint_to_bytes(spec, state, losses, data_sha256, replaces, replaces_fingerprint)
     try:
         write_atomic(run / CKPT_FILE, blob)
     except OSError as e:
-        raise RunError(f"cannot write checkpoint {str(run / CKPT_FILE)!r} ({e.strerror or e}); "
-                       "the previous checkpoint is kept: free space or fix permissions, then "
+        raise RunError(f"cannot write checkpoint {str(run / CKPT_FILE)!r} "
+                       f"({e.strerror or e}); {kept}: free space or fix permissions, then "
                        f"`jaxmlp train --resume {run}`") from None
 
 
 def save_run(out: str | Path, spec: RunSpec, state: TrainState,
-             losses: np.ndarray | None = None, data_sha256: str = "", replaces: str = "") -> None:
+             losses: np.ndarray | None = None, data_sha256: str = "") -> None:
     """Write DIR/run.json and DIR/checkpoint.msgpack (creating DIR).
 
     `losses` is the (step,) history; without it the checkpoint can be evaluated and sampled
@@ -326,29 +334,49 @@ def save_run(out: str | Path, spec: RunSpec, state: TrainState,
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / SPEC_FILE, spec.to_json())
     save_checkpoint(out, spec, state, np.zeros(0, np.float32) if losses is None else losses,
-                    data_sha256, replaces)
+                    data_sha256)
+
+
+def read_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise RunError(f"cannot read {str(path)!r} ({e.strerror}); check its permissions"
+                       ) from None
 
 
 def load_spec(run: str | Path) -> RunSpec:
     """DIR/run.json as a RunSpec; RunError (with the fix) if DIR is not a run directory."""
     run = Path(run)
-    if not run.exists():
-        raise RunError(f"run directory {str(run)!r} does not exist; pass the DIR of a "
+    shown = str(run)
+    try:
+        is_dir = run.is_dir()
+        exists = is_dir or run.exists()
+    except OSError as e:  # e.g. a name too long
+        raise RunError(f"cannot use run directory {shown!r} ({e.strerror}); pass the DIR of a "
+                       "`jaxmlp train` run") from None
+    if not exists:
+        raise RunError(f"run directory {shown!r} does not exist; pass the DIR of a "
                        "`jaxmlp train` run (default runs/<stage>-s<seed>)")
-    if not run.is_dir():
-        raise RunError(f"run directory {str(run)!r} is a file, not a directory; pass the DIR "
+    if not is_dir:
+        raise RunError(f"run directory {shown!r} is a file, not a directory; pass the DIR "
                        "of a `jaxmlp train` run")
     if not (run / SPEC_FILE).is_file():
-        raise RunError(f"{str(run)!r} is not a jaxmlp run directory (it has no {SPEC_FILE}); "
+        raise RunError(f"{shown!r} is not a jaxmlp run directory (it has no {SPEC_FILE}); "
                        "pass the DIR of a `jaxmlp train` run")
     try:
-        return RunSpec.from_json(json.loads((run / SPEC_FILE).read_bytes()))
+        d = json.loads(read_file(run / SPEC_FILE))
+    except (ValueError, RecursionError):
+        d = None  # damaged: reported as corrupted below
+    if isinstance(d, dict) and d.get("format") != RUN_FORMAT:
+        raise RunError(f"{shown!r} is not a jaxmlp run directory (its {SPEC_FILE} has no "
+                       f"{RUN_FORMAT!r} format marker: another program wrote it); pass the DIR "
+                       "of a `jaxmlp train` run")
+    try:
+        return RunSpec.from_json(d)
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError, JaxmlpError) as e:
         raise RunError(f"{str(run / SPEC_FILE)!r} is corrupted ({type(e).__name__}); restore it "
                        "or train the run again with --force") from None
-    except OSError as e:
-        raise RunError(f"cannot read {str(run / SPEC_FILE)!r} ({e.strerror}); check its "
-                       "permissions") from None
 
 
 def load_checkpoint(run: str | Path) -> Checkpoint:
@@ -358,13 +386,9 @@ def load_checkpoint(run: str | Path) -> Checkpoint:
     path = run / CKPT_FILE
     if not path.is_file():
         raise RunError(f"{str(path)!r} is missing (the run stopped before its first checkpoint "
-                       "or the file was moved); put it back or train the run again with --force")
-    try:
-        blob = path.read_bytes()
-    except OSError as e:
-        raise RunError(f"cannot read {str(path)!r} ({e.strerror}); check its permissions"
-                       ) from None
-    return checkpoint_from_bytes(blob, spec, where=f"checkpoint {str(path)!r}")
+                       f"or the file was moved); put it back, or start the run again with "
+                       f"`jaxmlp train --resume {run}`")
+    return checkpoint_from_bytes(read_file(path), spec, where=f"checkpoint {str(path)!r}")
 
 
 def load_run(run: str | Path) -> tuple[RunSpec, TrainState]:
@@ -379,7 +403,7 @@ def is_finished(run: str | Path) -> bool:
 
 
 @contextlib.contextmanager
-def run_lock(run: str | Path) -> Iterator[None]:
+def run_lock(run: str | Path):
     """Hold an exclusive advisory lock on a run directory while writing to it.
 
     The OS drops the lock when the process ends however it ends (even SIGKILL), so a stale
@@ -400,44 +424,3 @@ def run_lock(run: str | Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-def check_unlocked(run: str | Path) -> None:
-    """RunError if another process is training into `run` right now."""
-    with run_lock(run):
-        pass
-
-
-def replace_dir(new: str | Path, old: str | Path) -> None:
-    """Move directory `new` to `old`'s name and delete what `old` held.
-
-    Where the OS can swap two names atomically (Linux renameat2), `old` always names a whole
-    run; elsewhere there is a moment between two renames when it names nothing.
-    """
-    new, old = Path(new), Path(old)
-    if not old.exists():
-        new.rename(old)
-        return
-    if _exchange(new, old):  # `new`'s name now holds the old run
-        shutil.rmtree(new)
-        return
-    trash = old.with_name(f".{old.name}.old")
-    if trash.exists():
-        shutil.rmtree(trash)
-    old.rename(trash)
-    new.rename(old)
-    shutil.rmtree(trash)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
-                          ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0

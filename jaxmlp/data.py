@@ -10,7 +10,10 @@ blank lines skipped. A saved run keeps its vocabulary, so text it cannot encode 
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 import random
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -80,6 +83,7 @@ class Dataset(NamedTuple):
     train: Split
     val: Split
     test: Split
+    sha256: str = ""  # of the names file's bytes, as read: a run records what it trained on
 
     def split(self, name: str) -> Split:
         if name not in ("train", "val", "test"):
@@ -93,31 +97,52 @@ def load_words(path: str | Path = DEFAULT_DATA) -> list[str]:
     Raises DataError, naming the problem and the fix, for a path that is missing, a directory,
     a device, unreadable, too large, not UTF-8, without names, or with a line that is not a name.
     """
+    return read_names(path)[0]
+
+
+def read_names(path: str | Path = DEFAULT_DATA) -> tuple[list[str], str]:
+    """(names, SHA-256 of the bytes they were parsed from): the file is read exactly once, so a
+    pipe or a file being rewritten cannot give names that differ from the recorded hash."""
     path = Path(path)
+    raw = _read_once(path)
+    return _parse(raw, path), hashlib.sha256(raw).hexdigest()
+
+
+def _read_once(path: Path) -> bytes:
     shown = str(path)
     try:
-        st = path.stat()
+        fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         raise DataError(f"data file {shown!r} does not exist; pass --data PATH to a names file "
                         "(one name per line)") from None
     except OSError as e:  # e.g. a path through a file, a name too long, no permission
         raise DataError(f"cannot open data file {shown!r} ({e.strerror}); "
                         "pass --data PATH to a readable names file") from None
-    if path.is_dir():
-        raise DataError(f"data path {shown!r} is a directory; pass --data PATH to a file inside "
-                        "it (one name per line)")
-    if path.is_file() and st.st_size > MAX_FILE_BYTES:
+    st = os.fstat(fd)
+    mode = st.st_mode
+    if stat.S_ISREG(mode) and st.st_size > MAX_FILE_BYTES:
+        os.close(fd)
         raise DataError(f"data file {shown!r} is {st.st_size / 2**20:,.0f} MiB, more than any "
                         f"names file ({MAX_FILE_BYTES >> 20:,} MiB at most); check --data")
-    if not (path.is_file() or path.is_fifo()):  # /dev/zero would never end
-        raise DataError(f"data path {shown!r} is not a regular file; pass --data PATH to a "
-                        "names file")
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(
-            f"cannot read data file {shown!r} ({e.strerror}); check its permissions"
-        ) from None
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):  # /dev/zero would never end
+        os.close(fd)
+        what = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise DataError(f"data path {shown!r} is {what}; pass --data PATH to a names file "
+                        "(one name per line)")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            raw = f.read(MAX_FILE_BYTES + 1)  # a pipe has no size to check beforehand
+        except OSError as e:
+            raise DataError(f"cannot read data file {shown!r} ({e.strerror}); check its "
+                            "permissions") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise DataError(f"data file {shown!r} is more than {MAX_FILE_BYTES >> 20:,} MiB, more "
+                        "than any names file; check --data")
+    return raw
+
+
+def _parse(raw: bytes, path: Path) -> list[str]:
+    shown = str(path)
     try:
         text = raw.decode("utf-8-sig")  # tolerate the BOM some Windows editors write
     except UnicodeDecodeError as e:
@@ -181,7 +206,7 @@ def load_dataset(
     With `vocab` (a saved run's), every character of the file must be in it.
     """
     _check_block_size(block_size)
-    words = load_words(path)
+    words, sha256 = read_names(path)
     if len(words) < 10:
         raise DataError(
             f"data file {str(path)!r} has {len(words)} names; the 80/10/10 split needs at least 10"
@@ -205,6 +230,7 @@ def load_dataset(
         build_examples(tr, vocab, block_size),
         build_examples(va, vocab, block_size),
         build_examples(te, vocab, block_size),
+        sha256,
     )
 
 

@@ -26,14 +26,12 @@ example of the batch.
 from __future__ import annotations
 
 import functools
-import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
@@ -203,7 +201,7 @@ def probe(variables, X: jax.Array, Y: jax.Array, *, model: nn.Module,
         logits, state = model.apply(
             {"params": params, "batch_stats": batch_stats, "perturbations": perturbations},
             X, train=True, mutable=["intermediates", "batch_stats"])
-        return cross_entropy(logits, Y), state["intermediates"]
+        return cross_entropy(logits, Y), state.get("intermediates", {})
 
     (loss, inter), (g_params, g_acts) = jax.value_and_grad(
         loss_with_probes, argnums=(0, 1), has_aux=True)(params, perturbations)
@@ -370,115 +368,6 @@ def diagnose(state: TrainState, X, Y, model: nn.Module, config: TrainConfig, *,
     seconds = time.perf_counter() - t0
     return Diagnosis(steps, every, threshold, init, final, trace, state, seconds,
                      compile_seconds)
-
-
-def _num(x) -> float | None:
-    x = float(x)
-    return x if math.isfinite(x) else None  # JSON has no NaN/Infinity
-
-
-def to_json(d: Diagnosis, **extra) -> dict[str, Any]:
-    """The diagnostics.json report of `jaxmlp diagnose` (non-finite numbers become null)."""
-    f = d.final
-    shapes = {n: list(np.shape(v)) for n, v in flat(d.state.params).items()}
-    out = {
-        "step": d.steps,
-        "activations": [{"layer": n, "mean": _num(s["mean"]), "std": _num(s["std"]),
-                         "saturated": _num(s["saturated"])} for n, s in ordered(f["activations"])],
-        "gradients": [{"layer": n, "mean": _num(s["mean"]), "std": _num(s["std"])}
-                      for n, s in ordered(f["gradients"])],
-        "weights": [{"name": n, "shape": shapes[n],
-                     "grad_mean": _num(s["grad_mean"]), "grad_std": _num(s["grad_std"]),
-                     "grad_data_ratio": _num(s["grad_data_ratio"])}
-                    for n, s in ordered(f["weights"])],
-        "update_ratios": {n: [_num(v) for v in vals]
-                          for n, vals in ordered(d.trace["update_ratios"])},
-        "dead_units": {n: int(s["dead"]) for n, s in ordered(f["activations"])},
-    }
-    out.update({
-        "saturation_threshold": d.threshold,
-        "every": d.every,
-        "update_ratio_steps": [int(s) for s in d.trace["step"]],
-        "loss": _num(f["loss"]),
-        "init": {"loss": _num(d.init["loss"]),
-                 "activations": [{"layer": n, "mean": _num(s["mean"]), "std": _num(s["std"]),
-                                  "saturated": _num(s["saturated"]), "dead": int(s["dead"])}
-                                 for n, s in ordered(d.init["activations"])]},
-        "history": history(d),
-        "seconds": d.seconds,
-        "compile_seconds": d.compile_seconds,
-        **extra,
-    })
-    return out
-
-
-def history(d: Diagnosis) -> dict[str, Any]:
-    """Layer statistics recorded during the run: {'step': [...], layer: {stat: [...]}}."""
-    if "stats" not in d.trace:
-        return {"step": []}
-    keep = np.asarray(d.trace["has_stats"], bool)
-    stats = d.trace["stats"]
-    out: dict[str, Any] = {"step": [int(s) for s in np.asarray(d.trace["step"])[keep]],
-                           "loss": [_num(v) for v in np.asarray(stats["loss"])[keep]]}
-    for kind in ("activations", "gradients"):
-        out[kind] = {n: {k: [_num(v) for v in np.asarray(vals)[keep]] for k, vals in s.items()}
-                     for n, s in ordered(stats[kind])}
-    return out
-
-
-# --- The articles' initialisation demos (REFERENCE.md, "Initialisation facts") ---------------
-
-@functools.partial(jax.jit, static_argnames="scales")
-def _fan_in_outputs(key: jax.Array, scales: tuple[tuple[str, float], ...]):
-    kx, kw = jax.random.split(key)
-    x = jax.random.normal(kx, (1000, 10))
-    w = jax.random.normal(kw, (10, 200))
-    return x, {label: jnp.matmul(x, w * s, precision=jax.lax.Precision.HIGHEST)
-               for label, s in scales}
-
-
-def fan_in_demo(key: jax.Array, scales: dict[str, float] | None = None) -> dict[str, Any]:
-    """x ~ N(0, 1) (1000, 10) times w ~ N(0, 1) (10, 200) * scale: output std ~ scale*sqrt(10).
-
-    Returns {"x": x, "outputs": {label: y (1000, 200)}}; the default scales are the articles'
-    1, 0.2, 1/sqrt(10) and (5/3)/sqrt(10) (std about 3.2, 0.65, 1.0 and 1.65).
-    """
-    if scales is None:
-        scales = {"w": 1.0, "w * 0.2": 0.2, "w / sqrt(10)": 1 / math.sqrt(10),
-                  "w * (5/3) / sqrt(10)": (5 / 3) / math.sqrt(10)}
-    x, outputs = _fan_in_outputs(key, tuple(scales.items()))
-    return {"x": x, "outputs": {label: outputs[label] for label in scales}}  # in given order
-
-
-@functools.partial(jax.jit, static_argnames="n")
-def linear_bn_demo(key: jax.Array, n: int = 1000) -> dict[str, dict[str, jax.Array]]:
-    """Forward and backward std through W @ x, without and with a batch norm after it.
-
-    W (n, n) and x (n, 1) unit Gaussians, an upstream gradient ~ N(0, 1). Without batch norm
-    the output std and the input gradient's std are both about sqrt(n) (31.6 for 1000); with
-    a batch norm (the lecture's class; the n outputs form its batch) both come back to about 1.
-    """
-    from jaxmlp.models import BatchNorm1d
-
-    kw, kx, kg = jax.random.split(key, 3)
-    W = jax.random.normal(kw, (n, n))
-    x = jax.random.normal(kx, (n, 1))
-    upstream = jax.random.normal(kg, (n, 1))
-    bn = BatchNorm1d("lecture-class")
-    bn_vars = bn.init(key, jnp.zeros((2, 1)), train=False)
-
-    def linear(x):
-        return jnp.matmul(W, x, precision=jax.lax.Precision.HIGHEST)
-
-    def linear_bn(x):
-        return bn.apply(bn_vars, linear(x), train=True)
-
-    out = {}
-    for label, f in (("Linear", linear), ("Linear + BatchNorm", linear_bn)):
-        y, vjp = jax.vjp(f, x)
-        (dx,) = vjp(upstream)
-        out[label] = {"x": x, "y": y, "dy": upstream, "dx": dx}
-    return out
 
 
 def stack_inits(model_fn, gains, key: jax.Array, X: jax.Array):

@@ -7,16 +7,52 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import linen as nn
 
+from jaxmlp import limits
 from jaxmlp.data import Dataset, Vocab
+from jaxmlp.errors import ConfigError
 from jaxmlp.train import cross_entropy
 
 
+def eval_loss(variables, X: jax.Array, Y: jax.Array, model: nn.Module,
+              batch_size: int | None = None) -> jax.Array:
+    """Eval-mode (running batch-norm statistics) mean loss of X (N, T), Y (N,).
+
+    Evaluated in compiled batches of `batch_size` examples (default: as many as fit
+    `limits.EVAL_BYTES` of activations, all of them for the lecture's models), so that any
+    model that trains also evaluates.
+    """
+    n = X.shape[0]
+    batch_size = limits.eval_batch_size(model, n) if batch_size is None else batch_size
+    if batch_size >= n:
+        return _eval_whole(variables, X, Y, model=model)
+    return _eval_batched(variables, X, Y, model=model, batch_size=batch_size)
+
+
 @functools.partial(jax.jit, static_argnames="model")
-def eval_loss(variables, X: jax.Array, Y: jax.Array, model: nn.Module) -> jax.Array:
-    """Eval-mode (running batch-norm statistics) mean loss of X (N, T), Y (N,)."""
+def _eval_whole(variables, X, Y, model: nn.Module):
     return cross_entropy(model.apply(variables, X, train=False), Y)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "batch_size"))
+def _eval_batched(variables, X, Y, model: nn.Module, batch_size: int):
+    n = X.shape[0]
+    nb = -(-n // batch_size)
+    pad = nb * batch_size - n
+    Xb = jnp.pad(X, ((0, pad), (0, 0))).reshape(nb, batch_size, -1)
+    Yb = jnp.pad(Y, (0, pad)).reshape(nb, batch_size)
+    keep = (jnp.arange(nb * batch_size) < n).reshape(nb, batch_size)  # padding adds nothing
+
+    def add(total, batch):
+        x, y, k = batch
+        losses = optax.softmax_cross_entropy_with_integer_labels(
+            model.apply(variables, x, train=False), y)
+        return total + jnp.where(k, losses, 0.0).sum(), None
+
+    total, _ = jax.lax.scan(add, jnp.zeros((), jnp.float32), (Xb, Yb, keep))
+    return total / n
 
 
 def split_losses(model: nn.Module, variables, data: Dataset,
@@ -26,15 +62,24 @@ def split_losses(model: nn.Module, variables, data: Dataset,
             for s in splits}
 
 
-@functools.partial(jax.jit, static_argnames="model")
 def calibrate(variables, X: jax.Array, model: nn.Module):
     """The lecture's alternative to running statistics: batch-norm mean/std over all of X.
 
     One training-mode pass over the whole set with momentum 1, so that every running
     statistic becomes exactly the full-set statistic. Returns variables with new batch_stats.
+    ConfigError when the pass would not fit `limits.EVAL_BYTES`.
     """
     if not variables.get("batch_stats"):
         return variables
+    if limits.eval_batch_size(model, X.shape[0]) < X.shape[0]:
+        raise ConfigError(f"calibrating batch norm on {X.shape[0]:,} examples at once would "
+                          f"need more than {limits.EVAL_BYTES >> 20:,} MiB of activations; use "
+                          "the running statistics (eval without --calibrate)")
+    return _calibrate(variables, X, model=model)
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def _calibrate(variables, X: jax.Array, model: nn.Module):
     _, updates = model.copy(bn_momentum=1.0).apply(variables, X, train=True,
                                                    mutable=["batch_stats"])
     return {**variables, "batch_stats": updates["batch_stats"]}
@@ -64,3 +109,49 @@ def sample_names(model: nn.Module, variables, vocab: Vocab, key: jax.Array, num:
     """Decoded names; one that has not ended after `max_len` characters is cut there."""
     tokens = np.asarray(sample_tokens(variables, key, model=model, num=num, max_len=max_len))
     return [vocab.decode(row) for row in tokens]
+
+
+def _load_for_use(run):
+    """A run's last checkpoint for eval/sample; an unfinished run is used with a note."""
+    import sys
+
+    from jaxmlp import checkpoint as ckpt
+
+    ck = ckpt.load_checkpoint(run)
+    if not ckpt.is_finished(run):
+        print(f"note: {run} is unfinished (step {ck.step:,} of {ck.spec.train.steps:,}); using "
+              "its last checkpoint", file=sys.stderr)
+    return ck
+
+
+def evaluate_run(run, data=None, calibrated: bool = False) -> dict[str, float]:
+    """`jaxmlp eval`: the split losses of the run in directory `run`, on the names it was
+    trained on (`data` defaults to the file its run.json records; DataError if the file's
+    content is not what the run trained on). calibrated: full-training-set batch-norm
+    statistics instead of the running ones."""
+    from jaxmlp.data import load_dataset
+    from jaxmlp.errors import DataError
+
+    ck = _load_for_use(run)
+    spec = ck.spec
+    path = spec.data if data is None else data
+    dataset = load_dataset(path, block_size=spec.model.block_size, vocab=spec.vocab)
+    if ck.data_sha256 and dataset.sha256 != ck.data_sha256:
+        raise DataError(f"data file {str(path)!r} is not the one run {str(run)!r} was trained "
+                        "on (its SHA-256 differs); pass --data with the original names file")
+    variables = ck.state.variables
+    if calibrated:
+        variables = calibrate(variables, jnp.asarray(dataset.train.X), model=spec.model)
+    return split_losses(spec.model, variables, dataset)
+
+
+def sample_run(run, num: int = 20, seed: int = 0) -> list[str]:
+    """`jaxmlp sample`: `num` names from the run in directory `run`, drawn from key `seed`."""
+    ck = _load_for_use(run)
+    spec = ck.spec
+    need = num * limits.activation_floats(spec.model) * 4
+    if need > limits.EVAL_BYTES:
+        raise ConfigError(f"sampling {num:,} names at once from this model needs about "
+                          f"{need / 2**30:.1f} GiB; ask for fewer with -n")
+    return sample_names(spec.model, ck.state.variables, spec.vocab, jax.random.key(seed),
+                        num=num)

@@ -1,7 +1,10 @@
-"""The lecture's diagnostic figures (matplotlib, headless; PNG through `plot.save_figure`).
+"""The lecture's figures (matplotlib, headless), each written atomically as a PNG.
 
 Every function takes host data (numpy, as `jax.device_get` of jaxmlp.diagnostics output),
 writes one titled, labelled figure with a legend entry per layer, and returns its path.
+Importing this module imports matplotlib: the rest of jaxmlp imports it only to plot.
+
+    plot_loss                      log10 minibatch loss in 1,000-step buckets (the lecture's)
 
     plot_activation_histograms     tanh output density per layer (the lecture's forward pass)
     plot_gradient_histograms       density of the gradient at each tanh output (backward pass)
@@ -18,13 +21,56 @@ writes one titled, labelled figure with a legend entry per layer, and returns it
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 
+matplotlib.use("Agg")  # no display on servers and CI
+import matplotlib.pyplot as plt
+
+from jaxmlp.checkpoint import write_atomic
 from jaxmlp.diagnostics import ordered
-from jaxmlp.plot import plot_loss, plt, save_figure
+
+
+def bucket_log10(losses: np.ndarray, bucket: int = 1000) -> np.ndarray:
+    """The lecture's `torch.tensor(lossi).view(-1, 1000).mean(1)` of log10 losses.
+
+    A trailing partial bucket is averaged over the steps it has.
+    """
+    lg = np.log10(np.asarray(losses, np.float64))
+    n_full = len(lg) // bucket
+    out = list(lg[: n_full * bucket].reshape(n_full, bucket).mean(1))
+    if len(lg) % bucket:
+        out.append(lg[n_full * bucket:].mean())
+    return np.asarray(out)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write the figure atomically (`checkpoint.write_atomic`), so an earlier one is never
+    half-replaced, and close it."""
+    path = Path(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())
+    return path
+
+
+def plot_loss(losses: np.ndarray, path: str | Path, title: str = "training loss",
+              bucket: int = 1000) -> Path:
+    """log10 minibatch loss averaged over `bucket`-step buckets, as in the lecture."""
+    curve = bucket_log10(losses, bucket)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(np.arange(len(curve)) * bucket, curve, label=f"mean over {bucket} steps")
+    ax.set_xlabel("step")
+    ax.set_ylabel("log10(loss)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return save_figure(fig, path)
 
 
 def layer_label(name: str) -> str:
@@ -225,7 +271,7 @@ def write_diagnosis_figures(d, out, stage: str, shapes: dict | None = None) -> l
                   bucket=max(1, d.steps // 50)),
     ]
     if "stats" in d.trace:
-        from jaxmlp.diagnostics import history
+        from jaxmlp.diagnosis import history
 
         paths.append(plot_layer_history(history(d), out / "layer-history.png",
                                         f"{stage}: activations during training"))

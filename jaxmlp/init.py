@@ -8,6 +8,12 @@ The PyTorch names and formulas, for Flax's layouts:
     torch_linear_default                  nn.Linear's U(-1/sqrt(fan_in), 1/sqrt(fan_in))
     normal(std)                           the lecture's `torch.randn(...) * std`
     zeros / constant(value)               the inits that fail (symmetry is never broken)
+    fan_in_demo / linear_bn_demo          the articles' demonstrations of why scale matters
+
+They compute the standard deviation as torch does, `gain / sqrt(fan)` in double precision,
+then draw in float32. `jax.nn.initializers.variance_scaling` takes the square root of a float32
+variance instead, which differs in the last bit for most fans (tests/test_init.py checks both
+ways), and would change the seed-0 runs' initial weights: these keep torch's arithmetic.
 
 A uniform draw U(-b, b) has std b / sqrt(3), so every `*_uniform` uses b = sqrt(3) * std.
 
@@ -20,8 +26,10 @@ fan_in = in * prod(window), fan_out = out * prod(window), as torch computes for 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -199,3 +207,58 @@ def constant(value: float) -> Initializer:
         return jnp.full(shape, value, dtype)
 
     return init
+
+
+# --- The articles' demonstrations: why the scale of a draw matters --------------------------
+
+@functools.partial(jax.jit, static_argnames="scales")
+def _fan_in_outputs(key: jax.Array, scales: tuple[tuple[str, float], ...]):
+    kx, kw = jax.random.split(key)
+    x = jax.random.normal(kx, (1000, 10))
+    w = jax.random.normal(kw, (10, 200))
+    return x, {label: jnp.matmul(x, w * s, precision=jax.lax.Precision.HIGHEST)
+               for label, s in scales}
+
+
+def fan_in_demo(key: jax.Array, scales: dict[str, float] | None = None) -> dict[str, Any]:
+    """x ~ N(0, 1) (1000, 10) times w ~ N(0, 1) (10, 200) * scale: output std ~ scale*sqrt(10).
+
+    Returns {"x": x, "outputs": {label: y (1000, 200)}}; the default scales are the articles'
+    1, 0.2, 1/sqrt(10) and (5/3)/sqrt(10) (std about 3.2, 0.65, 1.0 and 1.65).
+    """
+    if scales is None:
+        scales = {"w": 1.0, "w * 0.2": 0.2, "w / sqrt(10)": 1 / math.sqrt(10),
+                  "w * (5/3) / sqrt(10)": (5 / 3) / math.sqrt(10)}
+    x, outputs = _fan_in_outputs(key, tuple(scales.items()))
+    return {"x": x, "outputs": {label: outputs[label] for label in scales}}  # in given order
+
+
+@functools.partial(jax.jit, static_argnames="n")
+def linear_bn_demo(key: jax.Array, n: int = 1000) -> dict[str, dict[str, jax.Array]]:
+    """Forward and backward std through W @ x, without and with a batch norm after it.
+
+    W (n, n) and x (n, 1) unit Gaussians, an upstream gradient ~ N(0, 1). Without batch norm
+    the output std and the input gradient's std are both about sqrt(n) (31.6 for 1000); with
+    a batch norm (the lecture's class; the n outputs form its batch) both come back to about 1.
+    """
+    from jaxmlp.models import BatchNorm1d
+
+    kw, kx, kg = jax.random.split(key, 3)
+    W = jax.random.normal(kw, (n, n))
+    x = jax.random.normal(kx, (n, 1))
+    upstream = jax.random.normal(kg, (n, 1))
+    bn = BatchNorm1d("lecture-class")
+    bn_vars = bn.init(key, jnp.zeros((2, 1)), train=False)
+
+    def linear(x):
+        return jnp.matmul(W, x, precision=jax.lax.Precision.HIGHEST)
+
+    def linear_bn(x):
+        return bn.apply(bn_vars, linear(x), train=True)
+
+    out = {}
+    for label, f in (("Linear", linear), ("Linear + BatchNorm", linear_bn)):
+        y, vjp = jax.vjp(f, x)
+        (dx,) = vjp(upstream)
+        out[label] = {"x": x, "y": y, "dy": upstream, "dx": dx}
+    return out

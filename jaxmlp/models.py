@@ -14,6 +14,7 @@ Lecture names -> Flax variables of `MLP` (say it once, use the Flax names everyw
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import jax
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxmlp.errors import ConfigError
-from jaxmlp.init import kaiming_normal
+from jaxmlp.init import calculate_gain, kaiming_normal, normal
 
 # Full float32 matmuls on every backend: TPUs (bf16 passes) and Ampere+ GPUs (TF32) would
 # otherwise round differently from the PyTorch CPU lecture and break number-for-number checks.
@@ -58,21 +59,17 @@ BN_PRESETS: dict[str, BNSemantics] = {
 }
 
 
-def scaled_normal(scale: float) -> nn.initializers.Initializer:
-    """N(0, 1) draws times `scale`: the lecture's `torch.randn(...) * scale`."""
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.normal(key, shape, dtype) * jnp.asarray(scale, dtype)
-
-    return init
-
-
 class BatchNorm1d(nn.Module):
     """Batch norm over axis 0 of (B, features) with selectable framework semantics.
 
     In training mode it normalises with the batch statistics and updates the running ones in
-    `batch_stats` (when that collection is mutable); in eval mode it uses the running ones.
-    `scale` is the lecture's bngain (init 1), `bias` its bnbias (init 0).
+    `batch_stats`; in eval mode it uses the running ones. `scale` is the lecture's bngain
+    (init 1), `bias` its bnbias (init 0).
+
+    Unlike `flax.linen.BatchNorm`, which raises when `batch_stats` is immutable in training
+    mode, a training-mode call with an immutable `batch_stats` normalises with the batch
+    statistics and leaves the running ones alone: a pure function of the batch, which the
+    diagnostics use to probe a network without moving its statistics.
     """
 
     semantics: str = "lecture"
@@ -165,6 +162,8 @@ class MLP(nn.Module):
 
     embed -> concat -> hidden Dense (bias unless batchnorm) -> [BatchNorm1d] -> tanh -> out Dense.
     Every tensor is a N(0, 1) draw times its `*_scale`; the five stages differ only in those.
+    `w1_scale` None is Kaiming's scale for tanh, (5/3) / sqrt(fan_in), fan_in = block_size *
+    n_embd (the lecture's `* (5/3) / (n_embd * block_size)**0.5`).
     """
 
     vocab_size: int
@@ -172,32 +171,43 @@ class MLP(nn.Module):
     n_embd: int = 10
     n_hidden: int = 200
     c_scale: float = 1.0
-    w1_scale: float = 1.0
+    w1_scale: float | None = 1.0
     b1_scale: float = 1.0
     w2_scale: float = 1.0
     b2_scale: float = 1.0
     batchnorm: bool = False
     bn_semantics: str = "lecture"
     bn_momentum: float | None = None  # None = the preset's
+    bn_epsilon: float | None = None  # None = the preset's
+
+    @property
+    def init_scales(self) -> dict[str, float]:
+        """The factor of every N(0, 1) draw, w1's resolved: {'c_scale': 1.0, ...}."""
+        w1 = self.w1_scale
+        if w1 is None:
+            w1 = calculate_gain("tanh") / math.sqrt(self.block_size * self.n_embd)
+        return {"c_scale": self.c_scale, "w1_scale": w1, "b1_scale": self.b1_scale,
+                "w2_scale": self.w2_scale, "b2_scale": self.b2_scale}
 
     @nn.compact
     def __call__(self, idx: jax.Array, train: bool = False) -> jax.Array:
         B = idx.shape[0]
-        emb = nn.Embed(self.vocab_size, self.n_embd, embedding_init=scaled_normal(self.c_scale),
+        scales = self.init_scales
+        emb = nn.Embed(self.vocab_size, self.n_embd, embedding_init=normal(scales["c_scale"]),
                        name="embed")(idx)  # (B, T, n_embd)
         embcat = emb.reshape(B, -1)  # (B, T*n_embd)
         hpreact = nn.Dense(self.n_hidden, use_bias=not self.batchnorm, precision=PRECISION,
-                           kernel_init=scaled_normal(self.w1_scale),
-                           bias_init=scaled_normal(self.b1_scale), name="hidden")(embcat)
+                           kernel_init=normal(scales["w1_scale"]),
+                           bias_init=normal(scales["b1_scale"]), name="hidden")(embcat)
         if self.batchnorm:  # the mean subtraction cancels b1, hence use_bias above
-            hpreact = BatchNorm1d(self.bn_semantics, momentum=self.bn_momentum, name="bn")(
-                hpreact, train)
+            hpreact = BatchNorm1d(self.bn_semantics, momentum=self.bn_momentum,
+                                  epsilon=self.bn_epsilon, name="bn")(hpreact, train)
         h = jnp.tanh(hpreact)  # (B, n_hidden)
         self.sow("intermediates", "h", h)
         h = probe_point(self, "h", h)
         return nn.Dense(self.vocab_size, precision=PRECISION,
-                        kernel_init=scaled_normal(self.w2_scale),
-                        bias_init=scaled_normal(self.b2_scale), name="out")(h)  # (B, vocab)
+                        kernel_init=normal(scales["w2_scale"]),
+                        bias_init=normal(scales["b2_scale"]), name="out")(h)  # (B, vocab)
 
 
 def probe_point(module: nn.Module, name: str, x: jax.Array) -> jax.Array:
@@ -257,6 +267,7 @@ class DeepMLP(nn.Module):
     c_scale: float = 1.0
     bn_semantics: str = "lecture-class"  # the lecture's BatchNorm1d class (unbiased var, 0.1)
     bn_momentum: float | None = None  # None = the preset's; calibrate() sets 1.0
+    bn_epsilon: float | None = None  # None = the preset's
 
     def __post_init__(self):
         if self.norm not in NORMS:
@@ -289,7 +300,7 @@ class DeepMLP(nn.Module):
         scale_init = nn.initializers.ones if scale == 1 else nn.initializers.constant(scale)
         if self.norm == "batchnorm":
             return BatchNorm1d(self.bn_semantics, momentum=self.bn_momentum,
-                               scale_init=scale_init, name=name)(x, train)
+                               epsilon=self.bn_epsilon, scale_init=scale_init, name=name)(x, train)
         return nn.LayerNorm(epsilon=1e-5, scale_init=scale_init, name=name)(x)
 
     @nn.compact
@@ -304,7 +315,7 @@ class DeepMLP(nn.Module):
                             bias_init=nn.initializers.zeros, name=next(names))(x)
 
         B = idx.shape[0]
-        x = nn.Embed(self.vocab_size, self.n_embd, embedding_init=scaled_normal(self.c_scale),
+        x = nn.Embed(self.vocab_size, self.n_embd, embedding_init=normal(self.c_scale),
                      name="embed")(idx).reshape(B, -1)  # (B, block_size*n_embd)
         for _ in range(self.depth):
             x = linear(x, self.n_hidden, self.gain)  # (B, n_hidden)

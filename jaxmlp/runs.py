@@ -1,39 +1,43 @@
 """Training in a run directory: plan a new or resumed run, train it with checkpoints, finish it.
 
-A run directory (files: `jaxmlp.checkpoint`) holds `run.json` (what made it),
-`checkpoint.msgpack` (the whole training state, rewritten atomically every `config.chunk`
-steps), and once finished `losses.npy`, `loss.png` and `metrics.json` (written last: its
-presence marks the run finished).
+A run directory (files: `jaxmlp.checkpoint`) holds `run.json` (what made it, with jaxmlp's
+format marker), `checkpoint.msgpack` (the whole training state, rewritten atomically every
+`config.chunk` steps), and once finished `losses.npy`, `loss.png` and `metrics.json` (written
+last: its presence marks the run finished). Those five files (and their temporary `.NAME.tmp`
+while being written) are the only ones jaxmlp writes, and the only ones it ever removes.
 
     plan = plan_new_run("batchnorm", seed=0, out="runs/bn", config=TrainConfig())
     metrics = train_run(plan)             # or plan_resumed_run("runs/bn") after a crash
 
 Planning validates everything and writes nothing, so a bad option leaves every file as it
-was. `train_run` with `force` trains in `OUT.partial` and swaps it in only once it has
-finished: a crash, a divergence or Ctrl-C in the new run leaves the earlier run whole.
+was. `train_run` locks the directory, then decides again what it holds (another process may
+have written it since), and only then writes. With `force` a new run trains in `OUT.partial`
+and replaces the run in OUT once it has finished, if OUT still holds that run, byte for byte:
+a crash, a divergence or Ctrl-C in the new run leaves the earlier run whole.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import hashlib
 import io
 import os
 import platform
-import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from jaxmlp import checkpoint as ckpt
 from jaxmlp.data import DEFAULT_DATA, Dataset, load_dataset
 from jaxmlp.errors import ConfigError, DataError, DivergenceError, RunError
+from jaxmlp.limits import check_seed
 from jaxmlp.train import TrainConfig, TrainState
 
-MAX_SEED = 2**32 - 1  # jax.random.key keeps 32 bits of a seed: larger ones repeat smaller ones
-MAX_PARAMS = 1 << 28  # 1 GiB of float32 parameters, before gradients and optimizer state
+STAGING, REPLACED = ".partial", ".replaced"  # OUT.partial: a --force run until it finishes
 
 
 @dataclasses.dataclass
@@ -42,130 +46,190 @@ class RunPlan:
 
     state/losses: where training starts (step 0, or a checkpoint with its (step,) losses).
     batch_ix: the PyTorch lecture's minibatches ((steps, B) int32) for a torch-stream run.
-    workdir: where it trains; `out`, or `out.partial` when it replaces an earlier run (then
-        `replaces` is that run's absolute path, else "").
+    out: the run directory asked for; workdir: where it trains, `out` or, when it replaces
+    an earlier run, `out.partial` (then `replaces` is that run's real path and
+    `replaces_fingerprint` its `fingerprint`).
     """
 
     spec: ckpt.RunSpec
     data: Dataset
     state: TrainState
     losses: np.ndarray
-    data_sha256: str
     out: Path
     workdir: Path
     replaces: str = ""
+    replaces_fingerprint: str = ""
     batch_ix: np.ndarray | None = None
     resumed: bool = False
+    checkpoint_stamp: tuple | None = None  # (size, mtime) of the checkpoint resumed from
 
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during `train_run`; the message says where the last checkpoint is."""
 
 
-def check_seed(seed: int, flag: str = "--seed") -> None:
-    if not 0 <= seed <= MAX_SEED:
-        raise ConfigError(f"{flag} must be between 0 and {MAX_SEED} (JAX keys keep 32 bits of "
-                          f"it), got {seed}")
+# --------------------------------------------------------------------- what a directory holds
 
 
-def staging_dir(out: str | Path) -> Path:
-    """Where a --force run trains until it finishes and replaces `out` (a sibling of it)."""
-    out = Path(os.path.abspath(out))  # `--out .` has no name to extend
-    return out.with_name(out.name + ".partial")
+def own_names() -> set[str]:
+    """Every name jaxmlp writes in a run directory, temporary files included."""
+    return {*ckpt.RUN_FILES, *(f".{name}.tmp" for name in ckpt.RUN_FILES)}
 
 
-def check_out_dir(out: Path, force: bool) -> Path | None:
-    """Validate a new run's directory before anything is written; returns the run that
-    `force` will replace. Without `force` only a new or empty directory is accepted."""
-    shown = str(out)
-    if out.exists() and not out.is_dir():
+def foreign_entries(directory: Path) -> list[str]:
+    """The entries of `directory` that jaxmlp did not write (sorted)."""
+    return sorted(set(os.listdir(directory)) - own_names())
+
+
+def fingerprint(directory: Path) -> str:
+    """SHA-256 over the run files of `directory`: the same run, byte for byte, or not."""
+    h = hashlib.sha256()
+    for name in ckpt.RUN_FILES:
+        path = directory / name
+        if path.is_file():
+            h.update(f"{name}\0".encode())
+            h.update(ckpt.read_file(path))
+    return h.hexdigest()
+
+
+def remove_run(directory: Path, keep_dir: bool = False) -> None:
+    """Delete the files jaxmlp writes in `directory` (and the directory, if then empty);
+    RunError naming anything else in it, which is never touched."""
+    foreign = foreign_entries(directory)
+    if foreign:
+        raise RunError(f"{str(directory)!r} holds {_names(foreign)}, which jaxmlp did not "
+                       "write; move them out (jaxmlp removes only its own run files)")
+    for name in own_names():
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(directory / name)
+    if not keep_dir:
+        os.rmdir(directory)
+
+
+def _names(entries: list[str], limit: int = 3) -> str:
+    shown = ", ".join(repr(e) for e in entries[:limit])
+    return shown + (f" and {len(entries) - limit} more" if len(entries) > limit else "")
+
+
+class Holding(NamedTuple):
+    """What a new run's directory holds: "new" (nothing there), "empty", "unstarted" (only
+    jaxmlp's files and no checkpoint: a run stopped before its first one) or "run" (a jaxmlp
+    run that `force` replaces, with its fingerprint)."""
+
+    kind: str
+    fingerprint: str = ""
+
+
+def check_out_dir(out: Path, force: bool) -> Holding:
+    """Validate a new run's directory (nothing is written); see `Holding`.
+
+    Without `force` only a new, empty or unstarted directory is accepted. With it, also a
+    jaxmlp run that holds nothing but jaxmlp's own files; never the directory one is in.
+    """
+    shown, real = str(out), _real(out)
+    for path in (real, staging_dir(real)):
+        try:
+            os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            pass  # reported below
+        except OSError as e:
+            raise RunError(f"cannot use --out {shown!r} ({e.strerror}); choose another --out"
+                           ) from None
+    if real.exists() and not real.is_dir():
         raise RunError(f"--out {shown!r} is a file; choose a directory path")
-    if not out.exists():
-        parent = next(p for p in out.absolute().parents if p.exists())
+    if not real.exists():
+        parent = next(p for p in real.parents if p.exists())
         if not parent.is_dir():
             raise RunError(f"cannot create --out {shown!r}: {str(parent)!r} is a file; choose "
                            "another --out")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise RunError(f"cannot create --out {shown!r}: no permission to write in "
                            f"{str(parent)!r}; choose another --out")
-        return None
-    if not os.access(out, os.W_OK | os.X_OK):
+        return Holding("new")
+    if not os.access(real, os.W_OK | os.X_OK):
         raise RunError(f"cannot write in --out {shown!r} (permission denied); choose another "
                        "--out")
-    if not any(out.iterdir()):
-        return None
-    if not (out / ckpt.SPEC_FILE).is_file():
-        raise RunError(f"--out {shown!r} is not empty and holds no jaxmlp run (no "
-                       f"{ckpt.SPEC_FILE}); choose a new or empty directory")
+    entries = os.listdir(real)
+    if not entries:
+        return Holding("empty")
+    foreign = foreign_entries(real)
+    if not foreign and not (real / ckpt.CKPT_FILE).exists() and not ckpt.is_finished(real):
+        return Holding("unstarted")
+    if not ckpt.is_run_spec(real / ckpt.SPEC_FILE):
+        what = ("its run.json is not a jaxmlp run's" if (real / ckpt.SPEC_FILE).exists()
+                else f"no {ckpt.SPEC_FILE}")
+        raise RunError(f"--out {shown!r} is not empty and holds no jaxmlp run ({what}); choose "
+                       "a new or empty directory")
     if not force:
-        if ckpt.is_finished(out):
+        if ckpt.is_finished(real):
             raise RunError(f"--out {shown!r} already holds a finished run; pass --force to "
                            "replace it (once the new run finishes) or choose another --out")
         raise RunError(f"--out {shown!r} holds an unfinished run; continue it with --resume "
                        f"{shown}, replace it with --force, or choose another --out")
-    ckpt.check_unlocked(out)
-    staging = staging_dir(out)
-    if staging.exists():
-        if not staging.is_dir() or (any(staging.iterdir())
-                                    and not (staging / ckpt.SPEC_FILE).is_file()):
-            raise RunError(f"{str(staging)!r} is in the way (a --force run trains there first); "
-                           "move it away")
-        ckpt.check_unlocked(staging)
-    return out
+    if foreign:
+        raise RunError(f"--force replaces only jaxmlp's own files, and --out {shown!r} also "
+                       f"holds {_names(foreign)}; move them out or choose another --out")
+    if Path.cwd().resolve().is_relative_to(real):
+        raise RunError(f"--force cannot replace --out {shown!r}: it holds the current "
+                       "directory; cd out of it, or choose another --out")
+    staging = staging_dir(real)
+    if staging.exists() and (not staging.is_dir() or foreign_entries(staging)):
+        raise RunError(f"{str(staging)!r} is in the way (a --force run trains there first); "
+                       "move it away")
+    return Holding("run", fingerprint(real))
 
 
-def check_report_dir(out: Path, force: bool) -> None:
-    """The folder of a command that writes results (not a run): new, empty, or `force`.
-
-    Such commands write their files only at the end, each atomically, so an earlier result
-    stays whole until a new one has been computed.
-    """
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--out {str(out)!r} is a file; choose a directory path")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise RunError(f"--out {str(out)!r} is not empty; pass --force to overwrite its results "
-                       "or choose another --out")
+def _real(path: str | Path) -> Path:
+    """The absolute path with symlinks resolved: a --out that is a link names its target."""
+    return Path(os.path.realpath(path))
 
 
-def check_sizes(model, config: TrainConfig, n_train: int) -> None:
-    """Refuse sizes that could only end in an out-of-memory crash."""
-    v, t, e, h = model.vocab_size, model.block_size, model.n_embd, model.n_hidden
-    n_params = v * e + t * e * h + 3 * h + h * v + v  # an upper bound over the stages
-    n_params += getattr(model, "depth", 0) * (h * h + 3 * h)  # DeepMLP's hidden blocks
-    if n_params > MAX_PARAMS:
-        raise ConfigError(f"the model would have about {n_params:,} parameters (at most "
-                          f"{MAX_PARAMS:,}); use a smaller --n-hidden, --n-embd or --block-size")
-    if config.batch_size > n_train:
-        raise ConfigError(f"batch size {config.batch_size:,} is larger than the training set "
-                          f"({n_train:,} examples); use a smaller --batch-size")
+def staging_dir(out: str | Path) -> Path:
+    """Where a --force run trains until it finishes and replaces `out` (a sibling of it)."""
+    out = _real(out)
+    return out.with_name(out.name + STAGING)
 
 
 def default_out(stage: str, seed: int, torch_stream: bool = False) -> Path:
     return Path(f"runs/{stage}-{'torch' if torch_stream else f's{seed}'}")
 
 
+# ------------------------------------------------------------------------------------ planning
+
+
+def start_state(model, config: TrainConfig, *, seed: int = 0, torch_stream: bool = False,
+                n_train: int) -> tuple[TrainState, np.ndarray | None]:
+    """A run's first state, and its minibatch indices when they are not drawn on the device:
+    JAX's init and sampler from `seed`, or the PyTorch lecture's tensors and stream."""
+    if torch_stream:
+        from jaxmlp.torch_bridge import lecture_stream
+
+        return lecture_stream(model, config, n_train)
+    import jax
+
+    from jaxmlp.train import create_train_state
+
+    return create_train_state(jax.random.key(seed), model, config), None
+
+
 def plan_new_run(stage: str = "batchnorm", *, seed: int = 0, config: TrainConfig | None = None,
                  data: str | Path = DEFAULT_DATA, out: str | Path | None = None,
                  force: bool = False, torch_stream: bool = False, block_size: int = 3,
-                 n_embd: int = 10, n_hidden: int | None = None) -> RunPlan:
+                 n_embd: int = 10, n_hidden: int | None = None, **model_fields) -> RunPlan:
     """Validate a new run of `stage` and build its initial state; writes nothing.
 
-    n_hidden None is the stage's width (200 shallow, 100 deep). torch_stream: start from the
-    PyTorch lecture's initial tensors and take its minibatches (needs torch; seed unused).
+    n_hidden None is the stage's width (200 shallow, 100 deep); `model_fields` override the
+    stage's (e.g. bn_epsilon). torch_stream: start from the PyTorch lecture's initial tensors
+    and take its minibatches (needs torch; seed unused).
     """
-    import jax
+    from jaxmlp.stages import get_stage, make_model
 
-    from jaxmlp.stages import SCHEDULES, check_stage, make_model
-    from jaxmlp.train import create_train_state
-
-    check_stage(stage)
+    get_stage(stage)
     check_seed(seed)
-    config = config or TrainConfig(schedule=SCHEDULES[stage])
-    if config.chunk < 1:
-        raise ConfigError(f"--checkpoint-every must be a positive number of steps, got "
-                          f"{config.chunk}")
+    config = config or TrainConfig(schedule=get_stage(stage).schedule)
     # The sizes, before the (slower) data: a module is only a description until init.
-    sized = make_model(stage, 1, block_size=block_size, n_embd=n_embd, n_hidden=n_hidden)
+    sized = make_model(stage, 1, block_size=block_size, n_embd=n_embd, n_hidden=n_hidden,
+                       **model_fields)
     config.validate(batchnorm=sized.batchnorm)
     if torch_stream:
         from jaxmlp.torch_bridge import check_model, import_torch
@@ -173,24 +237,24 @@ def plan_new_run(stage: str = "batchnorm", *, seed: int = 0, config: TrainConfig
         check_model(sized)  # a model the lecture's code can express
         import_torch()  # fail before anything else when torch is missing
     out = Path(out) if out is not None else default_out(stage, seed, torch_stream)
-    replaces = check_out_dir(out, force)
+    holding = check_out_dir(out, force)
     dataset = load_dataset(data, block_size=block_size)
     model = make_model(stage, dataset.vocab.size, block_size=block_size, n_embd=n_embd,
-                       n_hidden=n_hidden)
-    check_sizes(model, config, len(dataset.train.Y))
-    spec = ckpt.RunSpec(stage, seed, model, config, dataset.vocab, str(data),
+                       n_hidden=n_hidden, **model_fields)
+    config.check_fits(model, len(dataset.train.Y), _n_examples(dataset), stream=torch_stream)
+    spec = ckpt.RunSpec(stage, seed, model, config, dataset.vocab, os.path.abspath(data),
                         torch_stream=torch_stream)
-    if torch_stream:  # the PyTorch lecture's initial tensors and minibatches
-        from jaxmlp.torch_bridge import lecture_stream
-
-        state, batch_ix = lecture_stream(model, config, len(dataset.train.X))
-    else:
-        state, batch_ix = create_train_state(jax.random.key(seed), model, config), None
+    state, batch_ix = start_state(model, config, seed=seed, torch_stream=torch_stream,
+                                  n_train=len(dataset.train.X))
+    replacing = holding.kind == "run"
     return RunPlan(spec=spec, data=dataset, state=state, losses=np.zeros(0, np.float32),
-                   data_sha256=ckpt.file_sha256(data), out=out,
-                   workdir=out if replaces is None else staging_dir(out),
-                   replaces="" if replaces is None else str(replaces.absolute()),
-                   batch_ix=batch_ix)
+                   out=out, workdir=staging_dir(out) if replacing else _real(out),
+                   replaces=str(_real(out)) if replacing else "",
+                   replaces_fingerprint=holding.fingerprint, batch_ix=batch_ix)
+
+
+def _n_examples(data: Dataset) -> int:
+    return sum(len(data.split(s).Y) for s in ("train", "val", "test"))
 
 
 def plan_resumed_run(run: str | Path, *, data: str | Path | None = None,
@@ -198,42 +262,94 @@ def plan_resumed_run(run: str | Path, *, data: str | Path | None = None,
     """Validate a resume of the unfinished run in `run` and load its checkpoint; writes nothing.
 
     The saved spec decides every setting; `data` may point at the same names file moved
-    elsewhere (its SHA-256 must match) and `checkpoint_every` changes only when it saves.
+    elsewhere (its SHA-256 must match) and `checkpoint_every` changes only when it saves. A run
+    stopped before its first checkpoint starts again from step 0 (its spec determines it).
     """
-    run = Path(run)
-    ck = ckpt.load_checkpoint(run)
-    spec = ck.spec
-    if ck.step >= spec.train.steps and ckpt.is_finished(run):
+    run = _real(run)
+    spec = ckpt.load_spec(run)
+    unstarted = not foreign_entries(run) and not any(
+        (run / name).exists() for name in (ckpt.CKPT_FILE, ckpt.METRICS_FILE, ckpt.LOSSES_FILE))
+    ck = None if unstarted else ckpt.load_checkpoint(run)
+    if ck is not None and ck.step >= spec.train.steps and ckpt.is_finished(run):
         hint = ""
         if staging_dir(run).is_dir():
             hint = f"; an interrupted --force run is in {str(staging_dir(run))!r}: resume that"
-        raise RunError(f"run {str(run)!r} already finished ({spec.train.steps:,} steps), nothing "
-                       f"to resume; use `jaxmlp eval --run {run}`{hint}")
-    if ck.losses.size != ck.step:
+        if not ck.replaces:
+            raise RunError(f"run {str(run)!r} already finished ({spec.train.steps:,} steps), "
+                           f"nothing to resume; use `jaxmlp eval --run {run}`{hint}")
+    if ck is not None and ck.losses.size != ck.step:
         raise RunError(f"checkpoint of {str(run)!r} has no loss history, so it cannot be "
                        "resumed exactly; train the run again with --force")
     if checkpoint_every is not None:
-        if checkpoint_every < 1:
-            raise ConfigError(f"--checkpoint-every must be a positive number of steps, got "
-                              f"{checkpoint_every}")
         spec = dataclasses.replace(spec, train=dataclasses.replace(
             spec.train, chunk=checkpoint_every))
+        spec.train.validate(batchnorm=getattr(spec.model, "batchnorm", False))
     data_path = Path(spec.data) if data is None else Path(data)
     dataset = load_dataset(data_path, block_size=spec.model.block_size, vocab=spec.vocab)
-    sha = ckpt.file_sha256(data_path)
-    if ck.data_sha256 and sha != ck.data_sha256:
+    recorded = ck.data_sha256 if ck is not None else ""
+    if recorded and dataset.sha256 != recorded:
         raise DataError(f"data file {str(data_path)!r} is not the one run {str(run)!r} was "
                         "trained on (its SHA-256 differs); pass --data with the original file")
-    ckpt.check_unlocked(run)
-    spec = dataclasses.replace(spec, data=str(data_path))
-    batch_ix = None
-    if spec.torch_stream:  # the whole stream again: fit indexes it by absolute step
-        from jaxmlp.torch_bridge import lecture_stream
+    spec = dataclasses.replace(spec, data=os.path.abspath(data_path))
+    if ck is None:  # killed between run.json and the first checkpoint: start again
+        state, batch_ix = start_state(spec.model, spec.train, seed=spec.seed,
+                                      torch_stream=spec.torch_stream,
+                                      n_train=len(dataset.train.X))
+        losses, replaces, replaced_fp, stamp = np.zeros(0, np.float32), "", "", None
+    else:
+        state, losses, replaces, replaced_fp = ck.state, ck.losses, ck.replaces, \
+            ck.replaces_fingerprint
+        batch_ix = None
+        if spec.torch_stream:  # the whole stream again: fit indexes it by absolute step
+            from jaxmlp.torch_bridge import lecture_stream
 
-        batch_ix = lecture_stream(spec.model, spec.train, len(dataset.train.X))[1]
-    return RunPlan(spec=spec, data=dataset, state=ck.state, losses=ck.losses, data_sha256=sha,
-                   out=Path(ck.replaces) if ck.replaces else run, workdir=run,
-                   replaces=ck.replaces, batch_ix=batch_ix, resumed=True)
+            batch_ix = lecture_stream(spec.model, spec.train, len(dataset.train.X))[1]
+        stamp = _stamp(run / ckpt.CKPT_FILE)
+    return RunPlan(spec=spec, data=dataset, state=state, losses=losses,
+                   out=Path(replaces) if replaces else run, workdir=run, replaces=replaces,
+                   replaces_fingerprint=replaced_fp, batch_ix=batch_ix, resumed=ck is not None,
+                   checkpoint_stamp=stamp)
+
+
+def _stamp(path: Path) -> tuple:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+@contextlib.contextmanager
+def _claimed(plan: RunPlan):
+    """Create and lock the plan's working directory, then check again, under the lock, that
+    it holds what the plan was made for: another process may have written it meanwhile."""
+    workdir = plan.workdir
+    created = not workdir.exists()
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"cannot create run directory {str(workdir)!r} ({e.strerror}); "
+                       "choose another --out") from None
+    try:
+        with ckpt.run_lock(workdir):
+            if plan.resumed:
+                if _stamp(workdir / ckpt.CKPT_FILE) != plan.checkpoint_stamp:
+                    raise RunError(f"the checkpoint in {str(workdir)!r} changed after it was "
+                                   "read (another process resumed it?); run the command again")
+            elif plan.replaces:
+                with ckpt.run_lock(plan.replaces):
+                    if check_out_dir(plan.out, True) != ("run", plan.replaces_fingerprint):
+                        raise RunError(f"--out {str(plan.out)!r} changed while the run was "
+                                       "being prepared; run the command again")
+                remove_run(workdir, keep_dir=True)  # leftovers of an earlier --force run
+            else:
+                check_out_dir(workdir, False)  # raises unless empty or unstarted
+                remove_run(workdir, keep_dir=True)  # an unstarted run's files, if any
+            yield workdir
+    except BaseException:
+        if created and not os.listdir(workdir):
+            os.rmdir(workdir)
+        raise
 
 
 def train_run(plan: RunPlan, *, progress: bool = True,
@@ -245,40 +361,35 @@ def train_run(plan: RunPlan, *, progress: bool = True,
     """
     import jax
 
-    from jaxmlp.evaluate import calibrate, split_losses
-    from jaxmlp.plot import plot_loss
-    from jaxmlp.train import _smaller_lr_flag, fit
+    from jaxmlp.train import fit
 
-    spec, data, prior, workdir = plan.spec, plan.data, plan.losses, plan.workdir
+    spec, data, prior = plan.spec, plan.data, plan.losses
     model, config = spec.model, spec.train
     start = int(plan.state.step)
-    saved_step = start
+    saved_step = None
 
-    def save(state, losses):
-        nonlocal saved_step
-        ckpt.save_checkpoint(workdir, spec, state, losses, plan.data_sha256, plan.replaces)
-        saved_step = int(state.step)
+    with _claimed(plan) as workdir:
+        def save(state, losses):
+            nonlocal saved_step
+            ckpt.save_checkpoint(workdir, spec, state, losses, data.sha256, plan.replaces,
+                                 plan.replaces_fingerprint)
+            saved_step = int(state.step)
 
-    if not plan.resumed:
-        if plan.replaces and workdir.exists():  # an earlier --force run that did not finish
-            with ckpt.run_lock(workdir):
-                shutil.rmtree(workdir)
-        try:
-            workdir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise RunError(f"cannot create run directory {str(workdir)!r} ({e.strerror}); "
-                           "choose another --out") from None
-    with ckpt.run_lock(workdir):
+        def kept() -> str:
+            return ("no checkpoint was written" if saved_step is None else
+                    f"the last good checkpoint, step {saved_step:,}, is kept in {workdir}")
+
         try:
             ckpt.write_json(workdir / ckpt.SPEC_FILE, spec.to_json())
         except OSError as e:
             raise RunError(f"cannot write in {str(workdir)!r} ({e.strerror}); choose another "
                            "--out or free space") from None
-        if not plan.resumed:
-            save(plan.state, prior)  # step 0: the directory is a resumable run from the start
-
+        if plan.resumed:
+            saved_step = start
+        else:  # step 0: the directory is a resumable run from the start
+            save(plan.state, prior)
         n_params = sum(int(x.size) for x in jax.tree.leaves(plan.state.params))
-        where = (f"resuming {workdir} at step {start:,}" if plan.resumed else
+        where = (f"resuming {workdir} at step {start:,}" if start or plan.resumed else
                  "the lecture torch stream" if spec.torch_stream else f"seed {spec.seed}")
         if log:
             log(f"stage {spec.stage}: {n_params:,} parameters, {config.steps:,} steps, {where}, "
@@ -288,46 +399,86 @@ def train_run(plan: RunPlan, *, progress: bool = True,
                          progress=progress, log=log,
                          on_chunk=lambda s, losses: save(s, np.concatenate([prior, losses])))
         except DivergenceError as e:
-            raise DivergenceError(f"{e} (the last good checkpoint, step {saved_step:,}, is kept "
-                                  f"in {workdir})", step=e.step) from None
+            raise DivergenceError(f"{e} ({kept()})", step=e.step) from None
         except KeyboardInterrupt:
-            raise Interrupted(f"the last checkpoint (step {saved_step:,}) is in {workdir}: "
+            raise Interrupted(f"the last checkpoint (step {saved_step or 0:,}) is in {workdir}: "
                               f"continue with `jaxmlp train --resume {workdir}`") from None
         losses = np.concatenate([prior, result.losses])
-        variables = result.state.variables
-        split = split_losses(model, variables, data)
-        bad = [k for k, v in split.items() if not np.isfinite(v)]
-        if bad:  # finite but enormous weights: the training loss hid the divergence
-            raise DivergenceError(
-                f"training diverged: the final {bad[0]} loss is {split[bad[0]]}; lower the "
-                f"learning rate (e.g. {_smaller_lr_flag(config)}) and train again with --force")
-        steps_run = config.steps - start
-        metrics = {
-            "stage": spec.stage, "seed": spec.seed, "steps": config.steps, "params": n_params,
-            "torch_stream": spec.torch_stream, **split,
-            "seconds": result.seconds, "compile_seconds": result.compile_seconds,
-            "us_per_step": ((result.seconds - result.compile_seconds) / steps_run * 1e6
-                            if steps_run else None),
-            "step_losses": {str(i): float(losses[i]) for i in range(0, config.steps, 10_000)},
-            "backend": jax.devices()[0].platform, "jax": jax.__version__,
-            "machine": platform.machine(), "date": datetime.date.today().isoformat(),
-        }
-        if start:
-            metrics["resumed_from_step"] = start
-        if model.batchnorm:
+        metrics = _finish(plan, workdir, result, losses, n_params, start)
+    if plan.replaces:
+        replace_run(workdir, plan)
+    return metrics
+
+
+def _finish(plan: RunPlan, workdir: Path, result, losses: np.ndarray, n_params: int,
+            start: int) -> dict[str, Any]:
+    """Evaluate the trained run and write its results; metrics.json last."""
+    import jax
+
+    from jaxmlp.evaluate import calibrate, split_losses
+    from jaxmlp.figures import plot_loss
+    from jaxmlp.train import lower_lr_hint
+
+    spec, data = plan.spec, plan.data
+    model, config = spec.model, spec.train
+    variables = result.state.variables
+    split = split_losses(model, variables, data)
+    bad = [k for k, v in split.items() if not np.isfinite(v)]
+    if bad:  # finite but enormous weights: the training loss hid the divergence
+        raise DivergenceError(
+            f"training diverged: the final {bad[0]} loss is {split[bad[0]]}; lower the "
+            f"learning rate (e.g. {lower_lr_hint(config)}) and train again with --force")
+    steps_run = config.steps - start
+    metrics = {
+        "stage": spec.stage, "seed": spec.seed, "steps": config.steps, "params": n_params,
+        "torch_stream": spec.torch_stream, **split,
+        "seconds": result.seconds, "compile_seconds": result.compile_seconds,
+        "us_per_step": ((result.seconds - result.compile_seconds) / steps_run * 1e6
+                        if steps_run else None),
+        "step_losses": {str(i): float(losses[i]) for i in range(0, config.steps, 10_000)},
+        "backend": jax.devices()[0].platform, "jax": jax.__version__,
+        "machine": platform.machine(), "date": datetime.date.today().isoformat(),
+    }
+    if start:
+        metrics["resumed_from_step"] = start
+    if getattr(model, "batchnorm", False):
+        try:
             metrics["calibrated"] = split_losses(
                 model, calibrate(variables, data.train.X, model=model), data)
-        try:
-            ckpt.write_atomic(workdir / ckpt.LOSSES_FILE, _npy_bytes(losses))
-            plot_loss(losses, workdir / ckpt.PLOT_FILE, title=f"{spec.stage}, seed {spec.seed}")
-            ckpt.write_json(workdir / ckpt.METRICS_FILE, metrics)  # last: marks it finished
-        except OSError as e:
-            raise RunError(f"cannot write the results in {str(workdir)!r} ({e.strerror or e}); "
-                           f"the final checkpoint is saved: free space, then `jaxmlp train "
-                           f"--resume {workdir}`") from None
-    if plan.replaces:
-        ckpt.replace_dir(workdir, plan.out)
+        except ConfigError:
+            metrics["calibrated"] = None  # too large to calibrate at once; running stats only
+    try:
+        ckpt.write_atomic(workdir / ckpt.LOSSES_FILE, _npy_bytes(losses))
+        plot_loss(losses, workdir / ckpt.PLOT_FILE, title=f"{spec.stage}, seed {spec.seed}")
+        ckpt.write_json(workdir / ckpt.METRICS_FILE, metrics)  # last: marks it finished
+    except OSError as e:
+        raise RunError(f"cannot write the results in {str(workdir)!r} ({e.strerror or e}); "
+                       f"the final checkpoint is saved: free space, then `jaxmlp train "
+                       f"--resume {workdir}`") from None
     return metrics
+
+
+def replace_run(staging: Path, plan: RunPlan) -> None:
+    """Move the finished run in `staging` to `plan.out`, replacing the run there only if it
+    is still the one this run was planned to replace, byte for byte."""
+    out = Path(plan.replaces)
+    trash = out.with_name(out.name + REPLACED)
+    moved_away = RunError(f"--out {str(plan.out)!r} no longer holds the run this --force run "
+                          f"replaces (it was changed or moved); the finished run is in "
+                          f"{str(staging)!r}: move it where you want it")
+    if out.exists():
+        with ckpt.run_lock(out):
+            if (not out.is_dir() or foreign_entries(out)
+                    or fingerprint(out) != plan.replaces_fingerprint):
+                raise moved_away
+            if trash.exists():
+                remove_run(trash)
+            os.rename(out, trash)
+            os.rename(staging, out)
+    else:
+        os.rename(staging, out)
+    if trash.exists() and fingerprint(trash) == plan.replaces_fingerprint:
+        remove_run(trash)  # also after a crash between the two renames
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

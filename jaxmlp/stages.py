@@ -1,7 +1,9 @@
-"""The lecture's initialisation stages as named presets (configs as plain data).
+"""The lecture's stages as plain data: one `Stage` record each, the single source of truth.
 
-Each stage is a set of `MLP` fields; they differ only in how the initial tensors are scaled
-(REFERENCE.md, "The shallow model and its five stages"):
+A stage is a model (its class and fields), a learning-rate schedule, and the PyTorch lecture's
+figures for it with the tolerance a run from the lecture's own tensors and minibatches
+(`--torch-stream`) is held to (docs/reference.md). The five shallow stages differ only in how
+the initial tensors are scaled:
 
     stage        W1                b1     W2     b2   batch norm   params (27 tokens)
     original     x1                x1     x1     x1   no           11,897
@@ -10,7 +12,7 @@ Each stage is a set of `MLP` fields; they differ only in how the initial tensors
     kaiming      x(5/3)/sqrt(30)   x0.01  x0.01  x0   no           11,897
     batchnorm    x(5/3)/sqrt(30)   --     x0.01  x0   yes          12,097
 
-and the lecture's deep network (`DeepMLP`, REFERENCE.md "The deep network"), in DEEP_STAGES:
+and the deep network (`DeepMLP`):
 
     deep         5 x [Linear(no bias) -> BatchNorm1d -> Tanh], width 100,
                  Linear(no bias) -> BatchNorm1d with gamma x0.1; gain 1      47,024
@@ -19,81 +21,101 @@ and the lecture's deep network (`DeepMLP`, REFERENCE.md "The deep network"), in 
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flax import linen as nn
 
 from jaxmlp.errors import ConfigError
+from jaxmlp.init import calculate_gain
 from jaxmlp.models import MLP, DeepMLP
-
-TANH_GAIN = 5 / 3  # torch.nn.init.calculate_gain("tanh")
-KAIMING = "kaiming"  # placeholder for (5/3)/sqrt(fan_in), resolved from the model's sizes
-
-STAGES: dict[str, dict] = {
-    "original": dict(w1_scale=1.0, b1_scale=1.0, w2_scale=1.0, b2_scale=1.0),
-    "softmax-fix": dict(w1_scale=1.0, b1_scale=1.0, w2_scale=0.01, b2_scale=0.0),
-    "tanh-fix": dict(w1_scale=0.2, b1_scale=0.01, w2_scale=0.01, b2_scale=0.0),
-    "kaiming": dict(w1_scale=KAIMING, b1_scale=0.01, w2_scale=0.01, b2_scale=0.0),
-    "batchnorm": dict(w1_scale=KAIMING, w2_scale=0.01, b2_scale=0.0, batchnorm=True),
-}
+from jaxmlp.train import Schedule
 
 
 @dataclass(frozen=True)
-class Schedule:
-    """Stepped learning rate: `learning_rates[i]` from step `boundaries[i-1]` on."""
+class Reference:
+    """The PyTorch lecture's figures of a stage (None where it published none): the minibatch
+    loss at step 0 and 10,000, and the final split losses with the running statistics.
 
-    learning_rates: tuple[float, ...] = (0.1, 0.01)
-    boundaries: tuple[int, ...] = (100_000,)
+    `tolerance`: how far the final losses of a `--torch-stream` run may lie from these (the
+    chaotic `original` stage moves by ~0.003 from float summation order alone); the step-0
+    loss, computed before any update, must agree to STEP0_TOLERANCE.
+    """
+
+    step0: float
+    step10k: float | None
+    train: float
+    val: float
+    test: float
+    tolerance: float = 0.005
+    seconds: float | None = None  # the PyTorch run's wall time (2 cores, 1 thread)
+
+    def as_dict(self) -> dict[str, float | None]:
+        return {"step 0": self.step0, "step 10,000": self.step10k, "train": self.train,
+                "val": self.val, "test": self.test}
 
 
-# DeepMLP fields of the deep network's presets (its defaults are the batch-norm run's).
-DEEP_STAGES: dict[str, dict] = {
-    "deep": dict(norm="batchnorm", gain=1.0, last_scale=0.1),
-    "deep-nobn": dict(norm="none", gain=TANH_GAIN, last_scale=0.1),
-}
-DEFAULT_HIDDEN = {**{name: 200 for name in STAGES}, **{name: 100 for name in DEEP_STAGES}}
+STEP0_TOLERANCE = 1e-3
 
-# Per-stage training defaults (the deep network of the lecture decays later).
-SCHEDULES: dict[str, Schedule] = {
-    **{name: Schedule() for name in STAGES},
-    **{name: Schedule((0.1, 0.01), (150_000,)) for name in DEEP_STAGES},
-}
+
+@dataclass(frozen=True)
+class Stage:
+    """A named model preset: `model(**fields)` at width `n_hidden`, trained on `schedule`."""
+
+    name: str
+    model: type[nn.Module]
+    fields: dict = field(hash=False)
+    n_hidden: int
+    schedule: Schedule
+    reference: Reference
+
+
+_DEEP = Schedule((0.1, 0.01), (150_000,))  # the deep network decays later
+_ALL = (
+    Stage("original", MLP, dict(w1_scale=1.0, b1_scale=1.0, w2_scale=1.0, b2_scale=1.0), 200,
+          Schedule(), Reference(27.8817, 2.8505, 2.1220, 2.1655, 2.1606, tolerance=0.02,
+                                seconds=37)),
+    Stage("softmax-fix", MLP, dict(w1_scale=1.0, b1_scale=1.0, w2_scale=0.01, b2_scale=0.0),
+          200, Schedule(), Reference(3.3221, 2.1900, 2.0696, 2.1311, 2.1328, seconds=37)),
+    Stage("tanh-fix", MLP, dict(w1_scale=0.2, b1_scale=0.01, w2_scale=0.01, b2_scale=0.0), 200,
+          Schedule(), Reference(3.3135, 2.1648, 2.0356, 2.1027, 2.1012, seconds=37)),
+    # w1_scale None: Kaiming's (5/3)/sqrt(fan_in), from the model's own sizes.
+    Stage("kaiming", MLP, dict(w1_scale=None, b1_scale=0.01, w2_scale=0.01, b2_scale=0.0), 200,
+          Schedule(), Reference(3.3179, 2.1910, 2.0377, 2.1070, 2.1050, seconds=37)),
+    Stage("batchnorm", MLP, dict(w1_scale=None, w2_scale=0.01, b2_scale=0.0, batchnorm=True),
+          200, Schedule(), Reference(3.3239, 2.0322, 2.0674, 2.1057, 2.1070, seconds=77)),
+    Stage("deep", DeepMLP, dict(norm="batchnorm", gain=1.0, last_scale=0.1), 100, _DEEP,
+          Reference(3.2870, None, 1.9999, 2.0771, 2.0811, seconds=289)),
+    Stage("deep-nobn", DeepMLP, dict(norm="none", gain=calculate_gain("tanh"), last_scale=0.1),
+          100, _DEEP, Reference(3.2962, None, 1.9626, 2.0865, 2.0882, seconds=108)),
+)
+# The lecture's five stages (what `reproduce` and `sweep` run by default) and its deep network.
+STAGES: dict[str, Stage] = {s.name: s for s in _ALL if s.model is MLP}
+DEEP_STAGES: dict[str, Stage] = {s.name: s for s in _ALL if s.model is DeepMLP}
 
 
 def stage_names() -> list[str]:
-    return [*STAGES, *DEEP_STAGES]
+    return [s.name for s in _ALL]
 
 
-def check_stage(stage: str) -> None:
-    if stage not in STAGES and stage not in DEEP_STAGES:
-        raise ConfigError(f"unknown stage {stage!r}; choose one of {', '.join(stage_names())}")
+def get_stage(name: str) -> Stage:
+    """The stage called `name`; ConfigError listing the stages otherwise."""
+    for s in _ALL:
+        if s.name == name:
+            return s
+    raise ConfigError(f"unknown stage {name!r}; choose one of {', '.join(stage_names())}")
 
 
 def make_model(stage: str, vocab_size: int, block_size: int = 3, n_embd: int = 10,
                n_hidden: int | None = None, **overrides) -> nn.Module:
-    """The Flax module of a stage for the given sizes; `overrides` replace any MLP field.
+    """The Flax module of a stage for the given sizes; `overrides` replace any model field.
 
     n_hidden None is the stage's width (200 for the shallow stages, 100 for the deep ones).
     """
-    check_stage(stage)
-    if n_hidden is None:
-        n_hidden = DEFAULT_HIDDEN[stage]
-    if stage in DEEP_STAGES:
-        _check_sizes(vocab_size, block_size, n_embd, n_hidden)
-        return DeepMLP(vocab_size=vocab_size, block_size=block_size, n_embd=n_embd,
-                       n_hidden=n_hidden, **{**DEEP_STAGES[stage], **overrides})
-    _check_sizes(vocab_size, block_size, n_embd, n_hidden)
-    fields = dict(STAGES[stage])
-    if fields.get("w1_scale") == KAIMING:
-        fields["w1_scale"] = TANH_GAIN / math.sqrt(n_embd * block_size)
-    fields.update(overrides)
-    return MLP(vocab_size=vocab_size, block_size=block_size, n_embd=n_embd, n_hidden=n_hidden,
-               **fields)
-
-
-def _check_sizes(vocab_size, block_size, n_embd, n_hidden) -> None:
+    s = get_stage(stage)
+    n_hidden = s.n_hidden if n_hidden is None else n_hidden
     for name, value in (("block_size", block_size), ("n_embd", n_embd), ("n_hidden", n_hidden),
                         ("vocab_size", vocab_size)):
-        if not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return s.model(vocab_size=vocab_size, block_size=block_size, n_embd=n_embd,
+                   n_hidden=n_hidden, **{**s.fields, **overrides})

@@ -1,12 +1,10 @@
 """Many runs as one program: `train.run_steps` vmapped over a stacked `TrainState`.
 
-    seed_states / stack_states    K TrainStates as one whose leaves lead with a run axis (K, ...)
-    unstack_state                 run i of a stacked state
+    seed_states / unstack_state   K TrainStates as one whose leaves lead with a run axis (K, ...)
     train_many                    K runs in compiled chunks, the run axis sharded over devices
     split_losses_many             eval-mode split losses of K runs, (K,) per split
-    summarize                     mean, std and 95% interval of per-run numbers
     run_sweep                     stages x seeds -> {stage: {...}}: the `jaxmlp sweep` command
-    write_sweep_json / write_sweep_markdown / plot_sweep
+                                  (its files: jaxmlp.report)
 
 A single run, a seed sweep and a hyperparameter sweep are the same code path, `run_steps`
 vmapped over whatever differs between the runs:
@@ -27,16 +25,11 @@ cores; see `cpu_devices_for`.
 
 from __future__ import annotations
 
-import datetime
 import functools
-import json
-import math
 import os
-import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -46,27 +39,21 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxmlp import limits
 from jaxmlp.errors import ConfigError
 from jaxmlp.evaluate import eval_loss
-from jaxmlp.reproduce import PYTORCH_REFERENCE as _PYTORCH
+from jaxmlp.report import summarize, t975  # noqa: F401 (t975: part of this module's API)
 from jaxmlp.train import (
+    Compiled,
     TrainConfig,
     TrainState,
-    compiler_options,
+    chunks,
     create_train_state,
+    progress_bar,
     run_steps,
 )
 
 RUNS = "runs"  # the mesh axis that the run axis is split over
-
-# REFERENCE.md: the lecture's PyTorch single runs (torch seed 2147483647), final split losses,
-# for the five stages and the deep network.
-PYTORCH_REFERENCE: dict[str, dict[str, float]] = {
-    stage: {split: ref[split] for split in ("train", "val", "test")}
-    for stage, ref in _PYTORCH.items()}
-# How far a stage's mean val may lie from the PyTorch figure (the original stage is chaotic).
-REFERENCE_TOLERANCE = {"original": 0.03}
-DEFAULT_TOLERANCE = 0.01
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,11 +71,6 @@ def _seed_states(seeds: jax.Array, *, model: nn.Module, config: TrainConfig) -> 
     return jax.vmap(lambda s: create_train_state(jax.random.key(s), model, config))(seeds)
 
 
-def stack_states(states: Sequence[TrainState]) -> TrainState:
-    """K TrainStates with equal structure -> one whose every leaf has a leading run axis."""
-    return _stack(tuple(states))
-
-
 def unstack_state(states: TrainState, i: int) -> TrainState:
     """Run `i` of a stacked state (a TrainState `fit`, `split_losses` or `save_run` accept)."""
     return _index(states, jnp.int32(i))
@@ -100,11 +82,6 @@ def num_runs(states: TrainState) -> int:
 
 # Small compiled helpers: done eagerly, every leaf of a TrainState would compile an op of its own.
 @jax.jit
-def _stack(states):
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-
-
-@jax.jit
 def _index(states, i):
     return jax.tree.map(lambda x: x[i], states)
 
@@ -115,7 +92,8 @@ def _concat(parts):
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
-def _take_runs(tree, k: int):
+def take_runs(tree, k: int):
+    """The first k runs of a stacked tree."""
     return jax.tree.map(lambda x: x[:k], tree)
 
 
@@ -218,7 +196,7 @@ class ManyResult:
 
 # Compiled chunks, kept across calls (as jit's own cache would) but compiled ahead of time so
 # that train_many can report compile time apart from run time.
-_EXECUTABLES: dict[tuple, Any] = {}
+_PROGRAMS = Compiled()
 
 
 @functools.partial(jax.jit, static_argnames=("model", "config", "num_steps", "mesh",
@@ -267,18 +245,19 @@ def train_many(states: TrainState, X, Y, model: nn.Module, config: TrainConfig, 
     from `unstack_state(states, i)` up to float rounding. A run whose loss stops being finite
     does not stop the others: see `ManyResult.diverged`.
     """
-    from tqdm.auto import tqdm
-
     config.validate(batchnorm=getattr(model, "batchnorm", False))
     k = num_runs(states)
     if k < 1:
         raise ConfigError("train_many needs stacked states with a leading run axis; build them "
-                          "with seed_states, stack_states or jax.vmap(create_train_state)")
+                          "with seed_states or jax.vmap(create_train_state)")
     steps0 = np.unique(np.asarray(states.step))
     if steps0.size != 1:
         raise ConfigError(f"the runs are at different steps {steps0.tolist()}; train_many "
                           "advances runs in lockstep, so start them at the same step")
     start = int(steps0[0])
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(states) if hasattr(x, "nbytes"))
+    limits.check_memory({"loss history": 4 * k * (config.steps - start),
+                         "states": 2 * state_bytes}, fix="fewer seeds, stages or steps")
     mesh = run_mesh(devices, k)
     n_dev = mesh.devices.size
     k_pad = -(-k // n_dev) * n_dev
@@ -309,33 +288,31 @@ def train_many(states: TrainState, X, Y, model: nn.Module, config: TrainConfig, 
         return _place(np.asarray(batch_ix)[s:s + n].astype(np.int32), replicated)
 
     t0 = time.perf_counter()
-    compile_seconds = 0.0
+    compiled_before = _PROGRAMS.seconds
+    platform = mesh.devices.flat[0].platform
     losses = []
-    bar = tqdm(total=config.steps, initial=start, disable=not progress, unit="step",
-               mininterval=0.5, leave=False)
-    for s in range(start, config.steps, chunk):
-        n = min(chunk, config.steps - s)
-        ix = chunk_ix(s, n)
-        cache_key = (model, config, n, mesh, per_run_ix,
-                     *(jax.typeof(x) for x in jax.tree.leaves((states, X, Y, ix, lr_scale))),
-                     jax.tree.structure((states, ix, lr_scale)))
-        if cache_key not in _EXECUTABLES:
-            tc = time.perf_counter()
-            _EXECUTABLES[cache_key] = train_many_chunk.lower(
+    bar = progress_bar(config, start, progress)
+    try:
+        for s, n in chunks(start, config.steps, chunk):
+            ix = chunk_ix(s, n)
+            key = (model, config, n, mesh, per_run_ix,
+                   *(jax.typeof(x) for x in jax.tree.leaves((states, X, Y, ix, lr_scale))),
+                   jax.tree.structure((states, ix, lr_scale)))
+            program = _PROGRAMS(key, lambda states=states, ix=ix, n=n: train_many_chunk.lower(
                 states, X, Y, ix, lr_scale, model=model, config=config, num_steps=n, mesh=mesh,
-                per_run_ix=per_run_ix).compile(
-                    compiler_options=compiler_options(mesh.devices.flat[0].platform))
-            compile_seconds += time.perf_counter() - tc
-        states, chunk_losses = _EXECUTABLES[cache_key](states, X, Y, ix, lr_scale)
-        losses.append(_to_host(chunk_losses)[:k])  # the one host sync per chunk
-        if log is not None:
-            log(f"{s + n:7d}/{config.steps:7d}: mean loss of the last step "
-                f"{np.nanmean(losses[-1][:, -1]):.4f}")
-        bar.update(n)
-    bar.close()
+                per_run_ix=per_run_ix), platform)
+            states, chunk_losses = program(states, X, Y, ix, lr_scale)
+            losses.append(_to_host(chunk_losses)[:k])  # the one host sync per chunk
+            if log is not None:
+                log(f"{s + n:7d}/{config.steps:7d}: mean loss of the last step "
+                    f"{np.nanmean(losses[-1][:, -1]):.4f}")
+            bar.update(n)
+    finally:
+        bar.close()
+    compile_seconds = _PROGRAMS.seconds - compiled_before
     all_losses = np.concatenate(losses, axis=1) if losses else np.zeros((k, 0), np.float32)
     if k_pad > k:
-        states = _take_runs(states, k)
+        states = take_runs(states, k)
     return ManyResult(states, all_losses, time.perf_counter() - t0, compile_seconds, n_dev)
 
 
@@ -368,53 +345,17 @@ def split_losses_many(model: nn.Module, states: TrainState, data,
 
 
 # ---------------------------------------------------------------------------------------------
-# Statistics
-
-# Student's t, 97.5% quantile, for 1..30 degrees of freedom (the 95% two-sided interval).
-_T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
-         2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
-         2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
-
-
-def t975(df: int) -> float:
-    """The 97.5% quantile of Student's t with `df` degrees of freedom."""
-    if df < 1:
-        raise ValueError("a t interval needs at least 2 values")
-    if df <= len(_T975):
-        return _T975[df - 1]
-    z = 1.959964  # Cornish-Fisher expansion around the normal quantile: < 1e-4 off for df > 30
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-
-
-def summarize(values) -> dict[str, float | None]:
-    """mean, sample std (ddof 1) and the half-width of the 95% t interval of the mean."""
-    v = np.asarray(values, np.float64)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return {"mean": None, "std": None, "ci95": None, "n": 0}
-    if v.size == 1:
-        return {"mean": float(v[0]), "std": None, "ci95": None, "n": 1}
-    std = float(v.std(ddof=1))
-    return {"mean": float(v.mean()), "std": std, "ci95": t975(v.size - 1) * std / math.sqrt(v.size),
-            "n": int(v.size)}
-
-
-# ---------------------------------------------------------------------------------------------
 # Stage sweeps (the CLI)
 
 
-# The MLP fields that only scale its initial draws (N(0, 1) * scale, see models.scaled_normal).
-INIT_SCALES = ("c_scale", "w1_scale", "b1_scale", "w2_scale", "b2_scale")
-
-
-def training_key(model: nn.Module) -> nn.Module:
+def training_model(model: nn.Module) -> nn.Module:
     """The model as the training program sees it. The MLP's *_scale fields only shape the
     initial draws (create_train_state), so stages that differ only in them share one compiled
     training program: the four stages without batch norm train as one batch of runs."""
     from jaxmlp.models import MLP
 
     if type(model) is MLP:
-        return model.copy(**dict.fromkeys(INIT_SCALES, 1.0))
+        return model.copy(**dict.fromkeys(model.init_scales, 1.0))
     return model
 
 
@@ -431,15 +372,15 @@ def _group_states(seeds: Sequence[int], models: Sequence[nn.Module], train_model
                   config: TrainConfig) -> TrainState:
     """The initial states of every (model, seed) pair, model-major, stacked."""
     if train_model is not models[0] and len(models) > 1:  # MLPs that differ in scales only
-        scales = {f: jnp.repeat(jnp.asarray([getattr(m, f) for m in models], jnp.float32),
-                                len(seeds)) for f in INIT_SCALES}
+        scales = {f: jnp.repeat(jnp.asarray([m.init_scales[f] for m in models], jnp.float32),
+                                len(seeds)) for f in models[0].init_scales}
         all_seeds = jnp.tile(jnp.asarray(list(seeds), jnp.uint32), len(models))
         return _scaled_seed_states(all_seeds, scales, model=train_model, config=config)
     return _concat(tuple(seed_states(seeds, m, config) for m in models))
 
 
 def run_sweep(stages: Sequence[str], seeds: Sequence[int], data, *, steps: int | None = None,
-              batch_size: int = 32, chunk: int | None = None,
+              batch_size: int | None = None, chunk: int | None = None,
               devices: Sequence[jax.Device] | None = None, progress: bool = False,
               log: Callable[[str], None] | None = print) -> dict[str, dict[str, Any]]:
     """Train every stage with every seed (vmapped, sharded) and collect the split losses.
@@ -448,7 +389,7 @@ def run_sweep(stages: Sequence[str], seeds: Sequence[int], data, *, steps: int |
     {stage: {"seeds", "train", "val", "test", "mean", "std", "ci95", "n", "steps",
     "seconds", "pytorch", "diverged"}}, lists in seed order.
     """
-    from jaxmlp.stages import SCHEDULES, check_stage, make_model
+    from jaxmlp.stages import get_stage, make_model
 
     seeds = [int(s) for s in seeds]
     if not seeds:
@@ -456,15 +397,18 @@ def run_sweep(stages: Sequence[str], seeds: Sequence[int], data, *, steps: int |
     if not stages:
         raise ConfigError("no stages given; pass e.g. --stages kaiming,batchnorm")
     for stage in stages:
-        check_stage(stage)
+        get_stage(stage)
     if len(set(stages)) != len(stages):
         raise ConfigError(f"a stage is listed twice in {','.join(stages)}; list each once")
     groups: dict[tuple, list[tuple[str, nn.Module, TrainConfig]]] = {}
+    defaults = TrainConfig()
     for stage in stages:
         model = make_model(stage, data.vocab.size, block_size=data.block_size)
-        config = TrainConfig(steps=steps or 200_000, batch_size=batch_size,
-                             schedule=SCHEDULES[stage]).validate(batchnorm=model.batchnorm)
-        groups.setdefault((training_key(model), config), []).append((stage, model, config))
+        config = TrainConfig(steps=steps or defaults.steps,
+                             batch_size=batch_size or defaults.batch_size,
+                             schedule=get_stage(stage).schedule)
+        config.check_fits(model, len(data.train.Y))
+        groups.setdefault((training_model(model), config), []).append((stage, model, config))
 
     results: dict[str, dict[str, Any]] = {}
     for (train_model, config), members in groups.items():
@@ -475,7 +419,7 @@ def run_sweep(stages: Sequence[str], seeds: Sequence[int], data, *, steps: int |
                 f"{config.steps:,} steps")
         states = _group_states(seeds, [m[1] for m in members], train_model, config)
         result = train_many(states, *data.train, train_model, config, devices=devices,
-                            chunk=chunk or _sweep_chunk(k), progress=progress)
+                            chunk=chunk or sweep_chunk(k), progress=progress)
         losses = split_losses_many(train_model, result.states, data, devices=devices)
         if log is not None:
             log(f"  {result.seconds:.1f} s ({result.compile_seconds:.1f} s compiling) on "
@@ -496,86 +440,15 @@ def run_sweep(stages: Sequence[str], seeds: Sequence[int], data, *, steps: int |
                 if result.losses.shape[1] else []
             entry["diverged"] = [s for s, d in zip(seeds, result.diverged[rows], strict=True) if d]
             entry["seconds"] = result.seconds  # of the whole group of stages trained together
-            entry["pytorch"] = PYTORCH_REFERENCE.get(stage)
+            ref = get_stage(stage).reference
+            entry["pytorch"] = {"train": ref.train, "val": ref.val, "test": ref.test}
             results[stage] = entry
     return {stage: results[stage] for stage in stages}
 
 
-def _sweep_chunk(k: int) -> int:
-    # The chunk's gathered minibatches take k * chunk * B * (T + 1) * 4 bytes: ~40 MB at most.
-    return int(min(10_000, max(1_000, 10_000 * 8 // max(k, 1))))
+def sweep_chunk(k: int) -> int:
+    """Steps per compiled call for k runs: about 80,000 model-steps, so that the chunk's
+    gathered minibatches stay small and the progress bar moves every few seconds."""
+    return int(min(10_000, max(10, 10_000 * 8 // max(k, 1))))
 
 
-def write_sweep_json(results: dict, path: str | Path) -> Path:
-    from jaxmlp.checkpoint import write_json
-
-    write_json(path, results)
-    return Path(path)
-
-
-def _fmt(x: float | None, digits: int = 4) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
-def sweep_markdown(results: dict, meta: dict | None = None) -> str:
-    """A markdown table: mean ± std and 95% interval per stage, beside the PyTorch figure."""
-    lines = ["| stage | seeds | train | val (mean ± std) | val 95% CI | test | PyTorch val "
-             "(1 run) | val - PyTorch |",
-             "|---|---|---|---|---|---|---|---|"]
-    for stage, r in results.items():
-        m, s, c = r["mean"], r["std"], r["ci95"]
-        ref = (r.get("pytorch") or {}).get("val")
-        diff = "-" if ref is None or m["val"] is None else f"{m['val'] - ref:+.4f}"
-        ci = "-" if c["val"] is None else f"{m['val'] - c['val']:.4f} .. {m['val'] + c['val']:.4f}"
-        lines.append(f"| {stage} | {r['n']} | {_fmt(m['train'])} | {_fmt(m['val'])} ± "
-                     f"{_fmt(s['val'])} | {ci} | {_fmt(m['test'])} | {_fmt(ref)} | {diff} |")
-    text = "\n".join(lines) + "\n"
-    if meta:
-        text += "\n" + ", ".join(f"{k}: {v}" for k, v in meta.items()) + "\n"
-    return text
-
-
-def write_sweep_markdown(results: dict, path: str | Path, meta: dict | None = None) -> Path:
-    from jaxmlp.checkpoint import write_atomic
-
-    write_atomic(path, sweep_markdown(results, meta))
-    return Path(path)
-
-
-def plot_sweep(results: dict, path: str | Path) -> Path:
-    """Val loss per stage: each seed as a dot, the mean with its 95% interval, and the
-    PyTorch lecture's single run as a red cross."""
-    from jaxmlp.plot import plt, save_figure
-
-    stages = list(results)
-    fig, ax = plt.subplots(figsize=(1.6 * len(stages) + 3, 4))
-    for i, stage in enumerate(stages):
-        r = results[stage]
-        vals = np.asarray(r["val"], np.float64)
-        ax.scatter(np.full(vals.shape, i) + np.linspace(-0.3, -0.1, vals.size), vals, s=10,
-                   color="0.6", zorder=2, label="seeds" if i == 0 else None)
-        if r["mean"]["val"] is not None:
-            ax.errorbar(i, r["mean"]["val"], yerr=r["ci95"]["val"] or 0, fmt="o", color="C0",
-                        capsize=6, zorder=3, label="mean, 95% interval" if i == 0 else None)
-        ref = (r.get("pytorch") or {}).get("val")
-        if ref is not None:
-            ax.scatter([i + 0.2], [ref], marker="x", s=60, color="C3", zorder=4,
-                       label="PyTorch lecture (1 run)" if i == 0 else None)
-    ax.set_xticks(range(len(stages)), stages)
-    ax.set_ylabel("val loss")
-    n = max(results[s]["n"] for s in stages)
-    steps = max(results[s]["steps"] for s in stages)
-    ax.set_title(f"val loss per stage: {n} seeds x {steps:,} steps (PyTorch: 200,000 steps)")
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
-    return save_figure(fig, path)
-
-
-def sweep_meta(results: dict, seconds: float) -> dict[str, Any]:
-    return {"date": datetime.date.today().isoformat(), "machine": platform.machine(),
-            "backend": jax.default_backend(), "devices": jax.local_device_count(),
-            "jax": jax.__version__, "wall seconds": round(seconds, 1)}
-
-
-def read_sweep(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())

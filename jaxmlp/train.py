@@ -1,5 +1,6 @@
 """Training as pure functions over an explicit `TrainState`.
 
+    TrainConfig, Schedule            a run's hyperparameters, as plain (hashable) data
     make_schedule / make_optimizer   optax's stepped learning rate and SGD (or Adam)
     scale_updates                    a learning-rate multiplier carried as data (for sweeps)
     create_train_state               key -> params, batch_stats, opt_state, step, key
@@ -8,7 +9,6 @@
     train_step                       one minibatch update
     run_steps                        `lax.scan` over many steps: the fused, device-resident loop
     train_chunk                      `run_steps` compiled (the state buffers are donated)
-    compiler_options                 XLA options for the loop on a platform (CPU: AVX-512)
     fit                              host loop over chunks: progress bar, the lecture's log lines
 
 `run_steps` is the one code path for a single run and for a `jax.vmap`ped sweep over seeds,
@@ -18,9 +18,8 @@ initial scales or learning rates: vmap it over a stacked `TrainState` (jaxmlp.sw
 from __future__ import annotations
 
 import functools
-import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,45 +30,74 @@ import optax
 from flax import linen as nn
 from flax import struct
 
+from jaxmlp import limits
 from jaxmlp.errors import ConfigError, DivergenceError
-from jaxmlp.stages import Schedule
 
-MAX_STEPS = 2**31 - 1  # TrainState.step is int32
+
+@dataclass(frozen=True)
+class Schedule:
+    """Stepped learning rate: `learning_rates[i]` from step `boundaries[i-1]` on."""
+
+    learning_rates: tuple[float, ...] = (0.1, 0.01)
+    boundaries: tuple[int, ...] = (100_000,)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyperparameters of a run (hashable: it is a static argument of the compiled loop)."""
+    """Hyperparameters of a run (hashable: it is a static argument of the compiled loop).
+
+    chunk: steps per compiled call. The host sees the state only between calls (to log,
+    check for divergence and, in a run directory, checkpoint: `jaxmlp train
+    --checkpoint-every`), so it trades one host round trip against how much work a crash loses.
+    """
 
     steps: int = 200_000
     batch_size: int = 32
     schedule: Schedule = field(default_factory=Schedule)
     optimizer: str = "sgd"  # "sgd" (the lecture) or "adam"
-    chunk: int = 10_000  # steps per compiled call: one host round trip per chunk
+    chunk: int = 10_000
 
     def validate(self, batchnorm: bool = False) -> TrainConfig:
-        if not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
-            raise ConfigError(f"steps must be a positive integer up to {MAX_STEPS:,} (the step "
-                              f"counter is int32), got {self.steps!r}")
+        if not isinstance(self.steps, int) or not 1 <= self.steps <= limits.MAX_STEPS:
+            raise ConfigError(f"steps must be a positive integer up to {limits.MAX_STEPS:,} (the "
+                              f"step counter is int32), got {self.steps!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"batch size must be a positive integer, got {self.batch_size!r}")
         if batchnorm and self.batch_size < 2:
             raise ConfigError("batch size 1 leaves batch norm's unbiased std undefined; "
                               "use --batch-size 2 or more")
         if not isinstance(self.chunk, int) or self.chunk < 1:
-            raise ConfigError(f"chunk (steps per compiled call and per checkpoint, "
-                              f"--checkpoint-every) must be a positive integer, got {self.chunk!r}")
+            raise ConfigError(f"--checkpoint-every must be a positive number of steps (the steps "
+                              f"per compiled call, `chunk`), got {self.chunk!r}")
         lrs, bounds = self.schedule.learning_rates, self.schedule.boundaries
         if len(lrs) != len(bounds) + 1:
             raise ConfigError(f"a schedule needs one more learning rate than boundaries, got "
                               f"{len(lrs)} rates and {len(bounds)} boundaries")
-        if any(not lr > 0 or not math.isfinite(lr) for lr in lrs):
-            raise ConfigError(f"learning rates must be positive and finite, got {list(lrs)}")
-        if list(bounds) != sorted(set(bounds)) or any(b < 1 for b in bounds):
-            raise ConfigError(f"schedule boundaries must be positive and increasing, got "
-                              f"{list(bounds)}")
+        limits.check_learning_rates(lrs)
+        if list(bounds) != sorted(set(bounds)) or any(
+                not isinstance(b, int) or not 1 <= b <= limits.MAX_STEPS for b in bounds):
+            raise ConfigError(f"schedule boundaries must be positive and increasing steps (at "
+                              f"most {limits.MAX_STEPS:,}), got {list(bounds)}")
         if self.optimizer not in ("sgd", "adam"):
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; use sgd or adam")
+        return self
+
+    def check_fits(self, model: nn.Module, n_train: int, n_examples: int | None = None,
+                   stream: bool = False) -> TrainConfig:
+        """`validate`, then refuse what the data or the device's memory cannot hold."""
+        self.validate(batchnorm=getattr(model, "batchnorm", False))
+        if self.batch_size > n_train:
+            raise ConfigError(f"batch size {self.batch_size:,} is larger than the training set "
+                              f"({n_train:,} examples); use a smaller --batch-size")
+        n_params = limits.count_params(model)
+        if n_params > limits.MAX_PARAMS:
+            raise ConfigError(f"the model would have about {n_params:,} parameters (at most "
+                              f"{limits.MAX_PARAMS:,}); use a smaller --n-hidden, --n-embd or "
+                              "--block-size")
+        limits.check_memory(limits.memory_needed(
+            model, batch_size=self.batch_size, chunk=self.chunk,
+            n_examples=n_examples or n_train, optimizer_slots=2 if self.optimizer == "adam" else 0,
+            stream_steps=self.steps if stream else 0))
         return self
 
 
@@ -121,7 +149,7 @@ def scale_updates(tx: optax.GradientTransformation,
 def create_train_state(key: jax.Array, model: nn.Module, config: TrainConfig) -> TrainState:
     """Draw the initial variables from `key` and start the optimizer."""
     init_key, data_key = jax.random.split(key)
-    variables = model.init(init_key, jnp.zeros((2, model.block_size), jnp.int32), train=False)
+    variables = model.init(init_key, limits.example_tokens(model, 2), train=False)
     params = variables["params"]
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -155,7 +183,8 @@ def sample_batches(key: jax.Array, start: jax.Array, num_steps: int, n: int,
 
     Row i is `sample_batch(key, start + i, ...)` bit for bit (a vmap of the same draw), so a
     run's minibatches depend on (key, step) only, never on how its steps are chunked or
-    resumed. Drawn for a whole chunk at once: inside the loop, threefry costs ~15% of a step.
+    resumed. Drawn for a whole chunk at once, which is cheaper than a draw inside every step
+    (docs/speed.md).
     """
     steps = start + jnp.arange(num_steps, dtype=jnp.int32)
     return jax.vmap(sample_batch, in_axes=(None, 0, None, None))(key, steps, n, batch_size)
@@ -197,25 +226,30 @@ def run_steps(state: TrainState, X: jax.Array, Y: jax.Array, batch_ix: jax.Array
     tx = make_optimizer(config)
     if lr_scale is not None:
         tx = scale_updates(tx, jnp.asarray(lr_scale))
+    B = config.batch_size
+
+    def body(state, ix):
+        if ix is None:  # a large batch: drawn and gathered step by step (the same indices)
+            ix = sample_batch(state.key, state.step, X.shape[0], B)
+        return train_step(state, X[ix], Y[ix], model, tx)
+
+    if num_steps * B * (X.shape[1] + 1) * 4 > limits.GATHER_BYTES:
+        if batch_ix is None:
+            return jax.lax.scan(lambda s, _: body(s, None), state, length=num_steps)
+        return jax.lax.scan(body, state, batch_ix)
     if batch_ix is None:
-        batch_ix = sample_batches(state.key, state.step, num_steps, X.shape[0], config.batch_size)
+        batch_ix = sample_batches(state.key, state.step, num_steps, X.shape[0], B)
     # The chunk's examples in one gather, (num_steps, B, T) and (num_steps, B), streamed through
     # the scan: two small gathers inside every step cost more than the whole chunk's at once.
     Xb, Yb = X[batch_ix], Y[batch_ix]
-
-    def body(state, xy):
-        return train_step(state, *xy, model, tx)
-
-    return jax.lax.scan(body, state, (Xb, Yb))
+    return jax.lax.scan(lambda s, xy: train_step(s, *xy, model, tx), state, (Xb, Yb))
 
 
 train_chunk = jax.jit(run_steps, static_argnames=("model", "config", "num_steps"),
                       donate_argnames=("state",))
 
 # XLA options for the training programs on a CPU: prefer LLVM's 512-bit vectors where the CPU
-# has them (AVX-512): 5% less time per step of the lecture's model on a Zen 5 core, the same
-# numbers up to summation order (5e-7); a CPU without AVX-512 ignores it. Other backends get
-# no options.
+# has them (AVX-512; docs/speed.md). Other backends get no options.
 CPU_COMPILER_OPTIONS = {"xla_cpu_prefer_vector_width": 512}
 
 
@@ -236,6 +270,39 @@ def _supported_cpu_options() -> dict:
     return dict(CPU_COMPILER_OPTIONS)
 
 
+class Compiled:
+    """Programs compiled ahead of time, once per key, with the seconds spent compiling."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._programs: dict[Any, Any] = {}
+
+    def __call__(self, key, lower: Callable[[], Any], platform: str | None = None):
+        if key not in self._programs:
+            t0 = time.perf_counter()
+            self._programs[key] = lower().compile(
+                compiler_options=compiler_options(platform) if platform else None)
+            self.seconds += time.perf_counter() - t0
+        return self._programs[key]
+
+
+def chunks(start: int, steps: int, chunk: int) -> Iterator[tuple[int, int]]:
+    """(first step, number of steps) of each compiled call from `start` to `steps`; calls end
+    on the multiples of `chunk`, so a resumed run stops where an uninterrupted one does."""
+    s = start
+    while s < steps:
+        n = min(chunk - s % chunk, steps - s)
+        yield s, n
+        s += n
+
+
+def progress_bar(config: TrainConfig, start: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.steps, initial=start, disable=not enabled, unit="step",
+                mininterval=0.5, leave=False)
+
+
 @dataclass
 class FitResult:
     state: TrainState
@@ -251,8 +318,8 @@ def fit(state: TrainState, X, Y, model: nn.Module, config: TrainConfig, *,
     """Train from `state` to `config.steps` in compiled chunks (the host only logs).
 
     Prints the lecture's `      0/ 200000: 3.3239` line every `log_every` steps and raises
-    DivergenceError (naming the step) if a loss, or after a chunk any parameter, optimizer or
-    batch-norm statistic, stops being finite.
+    DivergenceError (naming the step and the likely cause) if a loss, or after a chunk any
+    parameter, optimizer or batch-norm statistic, stops being finite.
 
     Chunks end at the multiples of `config.chunk` (and at `config.steps`), whatever step
     `state` starts from, so a resumed run checkpoints at the same steps as an uninterrupted one.
@@ -264,80 +331,87 @@ def fit(state: TrainState, X, Y, model: nn.Module, config: TrainConfig, *,
         state it saw is the last good one. The state's buffers are donated to the next chunk:
         copy (e.g. serialise) what you keep before returning.
     """
-    from tqdm.auto import tqdm
-
     config.validate(batchnorm=getattr(model, "batchnorm", False))
     X, Y = jnp.asarray(X), jnp.asarray(Y)
     start = int(state.step)
     losses = []
     t0 = time.perf_counter()
-    compile_seconds = 0.0
+    compiled = Compiled()
+    platform = next(iter(X.devices())).platform
 
-    @functools.cache
-    def compiled(n: int):
-        nonlocal compile_seconds
-        tc = time.perf_counter()
+    def program(n: int):
         ix = None if batch_ix is None else jnp.asarray(batch_ix[:n])
-        exe = train_chunk.lower(state, X, Y, ix, model=model, config=config, num_steps=n)
-        exe = exe.compile(compiler_options=compiler_options(_platform(X)))
-        compile_seconds += time.perf_counter() - tc
-        return exe
+        return compiled(n, lambda: train_chunk.lower(state, X, Y, ix, model=model, config=config,
+                                                     num_steps=n), platform)
 
-    @functools.cache
-    def finite_check():  # compiled once, and counted as compilation like the chunks
-        nonlocal compile_seconds
-        tc = time.perf_counter()
-        exe = _all_finite.lower((state.params, state.batch_stats, state.opt_state)).compile()
-        compile_seconds += time.perf_counter() - tc
-        return exe
-
-    bar = tqdm(total=config.steps, initial=start, disable=not progress, unit="step",
-               mininterval=0.5, leave=False)
+    bar = progress_bar(config, start, progress)
     emit = bar.write if progress else log  # log lines above the bar, not through it
-    s = start
-    while s < config.steps:
-        n = min(config.chunk - s % config.chunk, config.steps - s)
-        ix = None if batch_ix is None else jnp.asarray(batch_ix[s:s + n])
-        state, chunk_losses = compiled(n)(state, X, Y, ix)
-        chunk_losses = np.asarray(chunk_losses)  # the one host sync per chunk
-        bad = np.flatnonzero(~np.isfinite(chunk_losses))
-        if bad.size:
-            bar.close()
-            raise DivergenceError(
-                f"loss became {chunk_losses[bad[0]]} at step {s + bad[0]}; lower the learning "
-                f"rate (e.g. {_smaller_lr_flag(config)}) or check the initialisation",
-                step=int(s + bad[0]))
-        if not bool(finite_check()((state.params, state.batch_stats, state.opt_state))):
-            bar.close()
-            raise DivergenceError(
-                f"parameters became non-finite by step {s + n}; lower the learning rate "
-                f"(e.g. {_smaller_lr_flag(config)}) or check the initialisation", step=s + n)
-        losses.append(chunk_losses)
-        if log is not None:
-            for i in range(-(-s // log_every) * log_every, s + n, log_every):
-                emit(f"{i:7d}/{config.steps:7d}: {chunk_losses[i - s]:.4f}")
-        s += n
-        if on_chunk is not None:
-            on_chunk(state, np.concatenate(losses))
-        bar.update(n)
-    bar.close()
-    seconds = time.perf_counter() - t0
+    try:
+        for s, n in chunks(start, config.steps, config.chunk):
+            ix = None if batch_ix is None else jnp.asarray(batch_ix[s:s + n])
+            state, chunk_losses = program(n)(state, X, Y, ix)
+            chunk_losses = np.asarray(chunk_losses)  # the one host sync per chunk
+            check_finite(chunk_losses, state, s, model, config, X, batch_ix, compiled)
+            losses.append(chunk_losses)
+            if log is not None:
+                for i in range(-(-s // log_every) * log_every, s + n, log_every):
+                    emit(f"{i:7d}/{config.steps:7d}: {chunk_losses[i - s]:.4f}")
+            if on_chunk is not None:
+                on_chunk(state, np.concatenate(losses))
+            bar.update(n)
+    finally:
+        bar.close()
     all_losses = np.concatenate(losses) if losses else np.zeros(0, np.float32)
-    return FitResult(state, all_losses, seconds, compile_seconds)
-
-
-def _platform(x: jax.Array) -> str:
-    return next(iter(x.devices())).platform
+    return FitResult(state, all_losses, time.perf_counter() - t0, compiled.seconds)
 
 
 @jax.jit
-def _all_finite(tree) -> jax.Array:
+def all_finite(tree) -> jax.Array:
     """() bool: every float leaf of `tree` is finite (one small reduction per chunk)."""
     leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
               if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
 
 
-def _smaller_lr_flag(config: TrainConfig) -> str:
+def check_finite(chunk_losses: np.ndarray, state: TrainState, start: int, model: nn.Module,
+                 config: TrainConfig, X: jax.Array, batch_ix=None,
+                 compiled: Compiled | None = None) -> None:
+    """DivergenceError naming the first non-finite step of a chunk, and its likely cause."""
+    bad = np.flatnonzero(~np.isfinite(chunk_losses))
+    if bad.size:
+        step = int(start + bad[0])
+        raise DivergenceError(f"loss became {chunk_losses[bad[0]]} at step {step}; "
+                              f"{divergence_cause(model, config, X, state.key, step, batch_ix)}",
+                              step=step)
+    tree = (state.params, state.batch_stats, state.opt_state)
+    check = all_finite if compiled is None else compiled(
+        "finite", lambda: all_finite.lower(tree))
+    if not bool(check(tree)):
+        step = start + len(chunk_losses)
+        raise DivergenceError(f"parameters became non-finite by step {step}; lower the learning "
+                              f"rate (e.g. {lower_lr_hint(config)}) or check the initialisation",
+                              step=step)
+
+
+def divergence_cause(model: nn.Module, config: TrainConfig, X: jax.Array, key: jax.Array,
+                     step: int, batch_ix=None) -> str:
+    """What to tell a user whose loss stopped being finite at `step`.
+
+    A batch norm without epsilon (the lecture's) divides by the batch's standard deviation,
+    which is 0 when every example of the minibatch is the same: small batches draw such a
+    minibatch sooner or later, whatever the learning rate.
+    """
+    ix = batch_ix[step] if batch_ix is not None else sample_batch(key, step, X.shape[0],
+                                                                   config.batch_size)
+    xb = np.asarray(X[np.asarray(ix)])
+    if getattr(model, "batchnorm", False) and (xb == xb[0]).all():
+        return (f"all {len(xb)} examples of its minibatch are the same, so batch norm's "
+                "standard deviation is 0 and it divides by zero (the lecture's batch norm has "
+                "no epsilon); use a larger --batch-size, or --bn-epsilon 1e-5")
+    return (f"lower the learning rate (e.g. {lower_lr_hint(config)}) or check the "
+            "initialisation")
+
+
+def lower_lr_hint(config: TrainConfig) -> str:
     """The `--lr` flag with every rate of the schedule divided by 10."""
     return "--lr " + ",".join(f"{lr / 10:g}" for lr in config.schedule.learning_rates)

@@ -62,7 +62,7 @@ def test_torch_loop_is_the_lecture_loop():
     from jaxmlp.data import load_dataset
 
     _, losses = bench.torch_lecture_loop(*load_dataset().train, 2)
-    assert round(float(losses[0]), 4) == 3.3239  # REFERENCE.md: batchnorm stage, loss at step 0
+    assert round(float(losses[0]), 4) == 3.3239  # docs/reference.md: batchnorm, step 0
 
 
 def test_outside_timing_has_the_same_keys(monkeypatch):

@@ -245,7 +245,7 @@ def assert_matches(semantics, case, momentum=None, epsilon=None):
 
 
 def test_presets_are_the_documented_conventions():
-    # The table in REFERENCE.md, "Batch-norm semantics differ between frameworks".
+    # The table in docs/reference.md, "Batch-norm semantics differ between frameworks".
     got = {k: (v.stat, v.unbiased_norm, v.unbiased_running, v.momentum, v.epsilon)
            for k, v in BN_PRESETS.items()}
     assert got == {"lecture": ("std", True, True, 0.001, 0.0),

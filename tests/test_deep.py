@@ -12,7 +12,7 @@ from jaxmlp.cli import main
 from jaxmlp.errors import ConfigError
 from jaxmlp.evaluate import calibrate
 from jaxmlp.models import DeepMLP
-from jaxmlp.stages import SCHEDULES, Schedule, check_stage, make_model, stage_names
+from jaxmlp.stages import Schedule, get_stage, make_model, stage_names
 from jaxmlp.train import TrainConfig, cross_entropy
 
 
@@ -70,13 +70,14 @@ def test_presets_initialise_as_the_lecture(deep_inits):
 
 def test_stages_and_schedules():
     assert {"deep", "deep-nobn"} <= set(stage_names())
-    check_stage("deep-nobn")
-    assert SCHEDULES["deep"] == Schedule((0.1, 0.01), (150_000,)) == SCHEDULES["deep-nobn"]
-    assert SCHEDULES["batchnorm"].boundaries == (100_000,)
+    get_stage("deep-nobn")
+    deep, nobn = get_stage("deep").schedule, get_stage("deep-nobn").schedule
+    assert deep == Schedule((0.1, 0.01), (150_000,)) == nobn
+    assert get_stage("batchnorm").schedule.boundaries == (100_000,)
     assert make_model("batchnorm", 27).n_hidden == 200  # the shallow default is unchanged
     assert make_model("deep", 27, n_hidden=64, depth=3).n_hidden == 64
     with pytest.raises(ConfigError, match=r"unknown stage 'deeper'; choose one of .*deep-nobn"):
-        check_stage("deeper")
+        get_stage("deeper")
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -113,7 +114,7 @@ def test_initial_loss_is_near_uniform(deep_inits, names_data):
 
 def test_run_spec_round_trip_and_calibration(deep_inits, names_data):
     model, v = deep_inits["deep"]
-    spec = RunSpec("deep", 0, model, TrainConfig(schedule=SCHEDULES["deep"]),
+    spec = RunSpec("deep", 0, model, TrainConfig(schedule=get_stage("deep").schedule),
                    names_data.vocab, "data/names.txt")
     back = RunSpec.from_json(json.loads(json.dumps(spec.to_json())))
     assert back.model == model and back.train == spec.train

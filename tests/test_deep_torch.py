@@ -10,8 +10,7 @@ from jaxmlp import torch_bridge as tb
 from jaxmlp.cli import main
 from jaxmlp.errors import ConfigError
 from jaxmlp.models import DeepMLP
-from jaxmlp.reproduce import PYTORCH_DEEP_RESULTS
-from jaxmlp.stages import SCHEDULES, make_model
+from jaxmlp.stages import get_stage, make_model
 from jaxmlp.train import TrainConfig, fit
 
 STEPS = 200
@@ -62,7 +61,7 @@ def test_initial_variables_are_the_lecture_tensors_exactly(torch, stage):
     for name, t in expected.items():
         assert torch.equal(tensors[name], t), name
     assert torch.equal(g.get_state(), g_expected.get_state())
-    state, _ = tb.lecture_train_state(model, TrainConfig(schedule=SCHEDULES[stage]))
+    state, _ = tb.lecture_train_state(model, TrainConfig(schedule=get_stage(stage).schedule))
     back = tb.variables_to_tensors(state.variables, model)  # Flax -> torch -> Flax, exactly
     for name, t in expected.items():
         assert torch.equal(back[name], t), name
@@ -77,7 +76,7 @@ def deep_parity(torch, names_data):
     out = {}
     for stage in ("deep", "deep-nobn"):
         model = make_model(stage, names_data.vocab.size)
-        config = TrainConfig(steps=STEPS, schedule=SCHEDULES[stage])
+        config = TrainConfig(steps=STEPS, schedule=get_stage(stage).schedule)
         state, batch_ix = tb.lecture_stream(model, config, len(names_data.train.X))
         tensors, g = tb.lecture_init(model)
         jax_run = fit(state, *names_data.train, model, config, batch_ix=batch_ix, log=None,
@@ -92,8 +91,8 @@ def deep_parity(torch, names_data):
 def test_jax_and_torch_agree_step_by_step(deep_parity, stage):
     _, jax_run, losses, _, _ = deep_parity[stage]
     np.testing.assert_allclose(jax_run.losses, losses, rtol=1e-4)
-    # The step-0 loss is REFERENCE.md's (the lecture's initial weights, its first batch).
-    assert losses[0] == pytest.approx(PYTORCH_DEEP_RESULTS[stage]["step 0"], abs=1e-4)
+    # The step-0 loss is docs/reference.md's (the lecture's initial weights, its first batch).
+    assert losses[0] == pytest.approx(get_stage(stage).reference.step0, abs=1e-4)
 
 
 def test_trained_variables_and_eval_loss_agree(deep_parity, names_data):
@@ -114,7 +113,7 @@ def test_update_ratios_are_the_lectures_ud(deep_parity, names_data):
     from jaxmlp import diagnostics as diag
 
     model, _, _, _, ud = deep_parity["deep"]
-    config = TrainConfig(steps=STEPS, schedule=SCHEDULES["deep"])
+    config = TrainConfig(steps=STEPS, schedule=get_stage("deep").schedule)
     state, batch_ix = tb.lecture_stream(model, config, len(names_data.train.X))
     _, trace = diag.run_diagnosed(state, *names_data.train, batch_ix, model=model,
                                   config=config, num_steps=STEPS)

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxmlp import diagnosis, figures, init
 from jaxmlp import diagnostics as diag
-from jaxmlp import figures
 from jaxmlp.errors import ConfigError
 from jaxmlp.models import DeepMLP
 from jaxmlp.stages import Schedule, make_model
@@ -262,7 +262,7 @@ def test_bad_recording_intervals_are_refused(tiny_run, steps, every, stats_every
 
 def test_diagnose_report_and_figures(tiny_run, tmp_path):
     *_, d = tiny_run
-    report = diag.to_json(d)
+    report = diagnosis.to_json(d)
     json.dumps(report, allow_nan=False)
     assert report["step"] == 6
     assert [a["layer"] for a in report["activations"]] == ["tanh2", "tanh5"]
@@ -278,16 +278,16 @@ def test_diagnose_report_and_figures(tiny_run, tmp_path):
     assert report["activations"][1]["std"] == pytest.approx(float(final["tanh5"]["std"]))
     assert report["history"]["step"] == [3]
     # (jaxmlp diagnose's test checks the other figures of write_diagnosis_figures)
-    assert_png(figures.plot_layer_history(diag.history(d), tmp_path / "history.png"))
+    assert_png(figures.plot_layer_history(diagnosis.history(d), tmp_path / "history.png"))
 
 
 def test_demos_reproduce_the_articles_numbers(tmp_path):
-    demo = diag.fan_in_demo(jax.random.key(0))
+    demo = init.fan_in_demo(jax.random.key(0))
     stds = {k: float(np.std(v)) for k, v in demo["outputs"].items()}
     for label, want in (("w", math.sqrt(10)), ("w * 0.2", 0.2 * math.sqrt(10)),
                         ("w / sqrt(10)", 1.0), ("w * (5/3) / sqrt(10)", 5 / 3)):
         assert stds[label] == pytest.approx(want, rel=0.15)
-    lb = diag.linear_bn_demo(jax.random.key(0))
+    lb = init.linear_bn_demo(jax.random.key(0))
     lin, bn = lb["Linear"], lb["Linear + BatchNorm"]
     assert float(jnp.std(lin["y"])) == pytest.approx(math.sqrt(1000), rel=0.15)
     assert float(jnp.std(lin["dx"])) == pytest.approx(math.sqrt(1000), rel=0.15)

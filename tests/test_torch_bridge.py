@@ -111,7 +111,7 @@ def test_jax_and_torch_agree_step_by_step(parity_runs, stage):
 
 
 def test_step0_losses_are_the_reference_figures(parity_runs):
-    # REFERENCE.md, "PyTorch results": loss at step 0.
+    # docs/reference.md, "PyTorch results": loss at step 0.
     reference = {"original": 27.8817, "kaiming": 3.3179, "batchnorm": 3.3239}
     for stage, (_, jax_run, _, _) in parity_runs.items():
         assert abs(jax_run.losses[0] - reference[stage]) < 1e-4, stage
@@ -220,7 +220,7 @@ def test_cli_reproduce_torch_stream(torch, tmp_path, capsys):
     assert list(results) == ["softmax-fix"]
     assert set(results["softmax-fix"]) == {"train", "val", "test", "step_losses", "seconds"}
     assert list(results["softmax-fix"]["step_losses"]) == ["0"]
-    # Step 0 is the lecture's (REFERENCE.md), to float rounding.
+    # Step 0 is the lecture's (docs/reference.md), to float rounding.
     assert abs(results["softmax-fix"]["step_losses"]["0"] - 3.3221) < 1e-4
     md = (out / "reproduce.md").read_text()
     assert "| softmax-fix | jaxmlp | 3.3221 |" in md and "| | PyTorch | 3.3221 |" in md

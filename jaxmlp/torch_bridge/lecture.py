@@ -25,7 +25,6 @@ Lecture names <-> Flax variables of `models.MLP` (shapes for the lecture's sizes
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -35,7 +34,6 @@ from flax import linen as nn
 
 from jaxmlp.errors import ConfigError
 from jaxmlp.models import BN_PRESETS, MLP, DeepMLP
-from jaxmlp.stages import TANH_GAIN
 from jaxmlp.torch_bridge.convert import flax_leaf, import_torch, variable_shapes
 from jaxmlp.train import TrainConfig, TrainState, make_optimizer
 
@@ -91,7 +89,7 @@ def lecture_init(model: nn.Module, seed: int = LECTURE_SEED):
 
     def scaled(shape, scale):
         t = torch.randn(shape, generator=g)
-        if scale == TANH_GAIN / math.sqrt(fan_in):
+        if scale is None:  # Kaiming for tanh
             return t * (5 / 3) / (fan_in ** 0.5)  # the lecture's two float32 roundings
         return t if scale == 1 else t * scale
 
@@ -110,7 +108,7 @@ def lecture_init(model: nn.Module, seed: int = LECTURE_SEED):
 
 
 def _lecture_init_deep(m: DeepMLP, g, torch) -> dict:
-    """The deep network's tensors as the lecture makes them (REFERENCE.md, "The deep network").
+    """The deep network's tensors as the lecture makes them (docs/reference.md, "The deep network").
 
     C = randn(vocab, n_embd); then, layer by layer, Linear: `randn((fan_in, fan_out)) /
     fan_in**0.5` and a zero bias (no draw) when it has one; BatchNorm1d: gamma 1, beta 0,

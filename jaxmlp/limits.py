@@ -1,0 +1,141 @@
+"""What a run may ask of the machine, checked before anything is written.
+
+    MAX_STEPS, MAX_SEED, MAX_PARAMS   the step counter is int32; JAX keeps 32 bits of a seed;
+                                      1 GiB of float32 parameters
+    check_seed                        an integer seed JAX can tell from every other
+    check_learning_rates              positive and representable in float32
+    memory_needed                     an upper estimate of a run's device memory, by part
+    check_memory                      that estimate against the device's memory
+    eval_batch_size                   examples per compiled evaluation batch
+
+Every check raises ConfigError naming the number, the limit and the option to change.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from jaxmlp.errors import ConfigError
+
+MAX_STEPS = 2**31 - 1  # TrainState.step is int32
+MAX_SEED = 2**32 - 1  # jax.random.key keeps 32 bits of a seed: larger ones repeat smaller ones
+MAX_PARAMS = 1 << 28  # 1 GiB of float32 parameters, before gradients and optimizer state
+F32 = np.finfo(np.float32)
+# Activations of one compiled evaluation batch, and the chunk's gathered minibatches: large
+# enough that the lecture's models evaluate each split in one batch and gather a chunk at once.
+EVAL_BYTES = 1 << 30
+GATHER_BYTES = 64 << 20
+
+
+def check_seed(seed, flag: str = "--seed") -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not (
+            0 <= seed <= MAX_SEED):
+        raise ConfigError(f"{flag} must be between 0 and {MAX_SEED} (an integer: JAX keys keep "
+                          f"32 bits of it), got {seed!r}")
+
+
+def check_learning_rates(rates) -> None:
+    """Positive and finite, and neither overflowing float32 nor rounding to zero in it."""
+    bad = [lr for lr in rates if isinstance(lr, bool) or not isinstance(lr, (int, float))
+           or not lr > 0 or not math.isfinite(lr)]
+    if bad:
+        raise ConfigError(f"learning rates must be positive and finite, got {list(rates)}")
+    for lr in rates:
+        if lr > F32.max:
+            raise ConfigError(f"learning rate {lr:g} overflows float32 (at most {F32.max:.3g}); "
+                              "use a smaller --lr")
+        if lr < F32.tiny:
+            raise ConfigError(f"learning rate {lr:g} underflows float32 (at least "
+                              f"{F32.tiny:.3g}: smaller rates train nothing); use a larger --lr")
+
+
+@functools.cache
+def count_params(model: nn.Module) -> int:
+    """The number of parameters `model` has (traced, nothing computed)."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), example_tokens(model, 1)))
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes.get("params", {})))
+
+
+def example_tokens(model: nn.Module, n: int) -> jax.ShapeDtypeStruct | jax.Array:
+    return jnp.zeros((n, model.block_size), jnp.int32)
+
+
+@functools.cache
+def activation_floats(model: nn.Module) -> int:
+    """Floats one example leaves in memory on its way through the model: twice the outputs of
+    every submodule (an activation function's output beside each layer's)."""
+    def forward():
+        variables = model.init(jax.random.key(0), example_tokens(model, 2))
+        _, state = model.apply(variables, example_tokens(model, 2), train=False,
+                               capture_intermediates=True, mutable=["intermediates"])
+        return state["intermediates"]
+
+    leaves = jax.tree.leaves(jax.eval_shape(forward))
+    return 2 * sum(math.prod(x.shape[1:]) for x in leaves if x.ndim >= 1)
+
+
+def eval_batch_size(model: nn.Module, n: int, per_example: int | None = None) -> int:
+    """Examples per evaluation batch: all n when they fit EVAL_BYTES (the lecture's models)."""
+    per_example = per_example or activation_floats(model)
+    return int(max(1, min(n, EVAL_BYTES // (4 * per_example))))
+
+
+def memory_needed(model: nn.Module, *, batch_size: int, chunk: int, n_examples: int,
+                  optimizer_slots: int = 0, stream_steps: int = 0) -> dict[str, int]:
+    """Bytes a training run needs, by part (an upper estimate; `sum(...)` for the total).
+
+    state: params, gradients, updates and optimizer slots, twice (a chunk's input and output);
+    step: one minibatch's activations, forward and backward; gather: a chunk's minibatches;
+    data: the three splits on the device; eval: one evaluation batch; stream: the PyTorch
+    lecture's minibatch indices on the host (int64 while drawn, then int32).
+    """
+    p = count_params(model)
+    per_example = activation_floats(model)
+    t = model.block_size + 1
+    return {
+        "state": 4 * p * (3 + optimizer_slots) * 2,
+        "step": 4 * batch_size * per_example * 3,
+        "gather": min(4 * chunk * batch_size * t, GATHER_BYTES),
+        "data": 4 * n_examples * t,
+        "eval": 4 * per_example * eval_batch_size(model, n_examples, per_example),
+        "stream": 12 * stream_steps * batch_size,
+    }
+
+
+def device_memory(device: jax.Device | None = None) -> int | None:
+    """Bytes of memory the device offers: an accelerator's own limit, a CPU's the host's RAM."""
+    device = device or jax.devices()[0]
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # not every backend reports memory
+        stats = {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(parts: dict[str, int], limit: int | None = None, fraction: float = 0.9,
+                 fix: str | None = None) -> None:
+    """ConfigError if `parts` add up to more than `fraction` of the device's memory."""
+    limit = device_memory() if limit is None else limit
+    need = sum(parts.values())
+    if limit is None or need <= fraction * limit:
+        return
+    biggest = max(parts, key=parts.get)
+    fix = fix or {"state": "a smaller --n-hidden, --n-embd or --block-size",
+                  "step": "a smaller --batch-size or --n-hidden", "eval": "a smaller --n-hidden",
+                  "gather": "a smaller --batch-size", "data": "a smaller names file",
+                  "stream": "fewer --steps (or no --torch-stream)"}[biggest]
+    raise ConfigError(f"the run would need about {need / 2**30:,.1f} GiB of memory (mostly "
+                      f"{biggest}: {parts[biggest] / 2**30:,.1f} GiB), more than the "
+                      f"{fraction:.0%} of {limit / 2**30:,.1f} GiB this device has; use {fix}")
