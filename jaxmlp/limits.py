@@ -27,7 +27,7 @@ from jaxmlp.errors import ConfigError
 MAX_STEPS = 2**31 - 1  # TrainState.step is int32
 MAX_SEED = 2**32 - 1  # jax.random.key keeps 32 bits of a seed: larger ones repeat smaller ones
 MAX_PARAMS = 1 << 28  # 1 GiB of float32 parameters, before gradients and optimizer state
-F32 = np.finfo(np.float32)
+F32_MAX, F32_TINY = float(np.finfo(np.float32).max), float(np.finfo(np.float32).tiny)
 # Activations of one compiled evaluation batch, and the chunk's gathered minibatches: large
 # enough that the lecture's models evaluate each split in one batch and gather a chunk at once.
 EVAL_BYTES = 1 << 30
@@ -48,12 +48,12 @@ def check_learning_rates(rates) -> None:
     if bad:
         raise ConfigError(f"learning rates must be positive and finite, got {list(rates)}")
     for lr in rates:
-        if lr > F32.max:
-            raise ConfigError(f"learning rate {lr:g} overflows float32 (at most {F32.max:.3g}); "
+        if lr > F32_MAX:
+            raise ConfigError(f"learning rate {lr:g} overflows float32 (at most {F32_MAX:.3g}); "
                               "use a smaller --lr")
-        if lr < F32.tiny:
+        if lr < F32_TINY:
             raise ConfigError(f"learning rate {lr:g} underflows float32 (at least "
-                              f"{F32.tiny:.3g}: smaller rates train nothing); use a larger --lr")
+                              f"{F32_TINY:.3g}: smaller rates train nothing); use a larger --lr")
 
 
 @functools.cache
@@ -91,21 +91,21 @@ def memory_needed(model: nn.Module, *, batch_size: int, chunk: int, n_examples: 
                   optimizer_slots: int = 0, stream_steps: int = 0) -> dict[str, int]:
     """Bytes a training run needs, by part (an upper estimate; `sum(...)` for the total).
 
-    state: params, gradients, updates and optimizer slots, twice (a chunk's input and output);
-    step: one minibatch's activations, forward and backward; gather: a chunk's minibatches;
-    data: the three splits on the device; eval: one evaluation batch; stream: the PyTorch
-    lecture's minibatch indices on the host (int64 while drawn, then int32).
+    Parameters, gradients, updates and optimizer slots, twice (a chunk's input and output); one
+    minibatch's activations, forward and backward; a chunk's gathered minibatches; the three
+    splits on the device; one evaluation batch; the PyTorch lecture's minibatch indices on the
+    host (int64 while drawn, then int32).
     """
     p = count_params(model)
     per_example = activation_floats(model)
     t = model.block_size + 1
     return {
-        "state": 4 * p * (3 + optimizer_slots) * 2,
-        "step": 4 * batch_size * per_example * 3,
-        "gather": min(4 * chunk * batch_size * t, GATHER_BYTES),
-        "data": 4 * n_examples * t,
-        "eval": 4 * per_example * eval_batch_size(model, n_examples, per_example),
-        "stream": 12 * stream_steps * batch_size,
+        "parameters and optimizer state": 4 * p * (3 + optimizer_slots) * 2,
+        "a minibatch's activations": 4 * batch_size * per_example * 3,
+        "a chunk's minibatches": min(4 * chunk * batch_size * t, GATHER_BYTES),
+        "the data": 4 * n_examples * t,
+        "an evaluation batch": 4 * per_example * eval_batch_size(model, n_examples, per_example),
+        "the lecture's minibatch stream": 12 * stream_steps * batch_size,
     }
 
 
@@ -132,10 +132,12 @@ def check_memory(parts: dict[str, int], limit: int | None = None, fraction: floa
     if limit is None or need <= fraction * limit:
         return
     biggest = max(parts, key=parts.get)
-    fix = fix or {"state": "a smaller --n-hidden, --n-embd or --block-size",
-                  "step": "a smaller --batch-size or --n-hidden", "eval": "a smaller --n-hidden",
-                  "gather": "a smaller --batch-size", "data": "a smaller names file",
-                  "stream": "fewer --steps (or no --torch-stream)"}[biggest]
+    fix = fix or {"parameters and optimizer state": "a smaller --n-hidden, --n-embd or "
+                  "--block-size", "a minibatch's activations": "a smaller --batch-size or "
+                  "--n-hidden", "an evaluation batch": "a smaller --n-hidden",
+                  "a chunk's minibatches": "a smaller --batch-size", "the data": "a smaller "
+                  "names file", "the lecture's minibatch stream": "fewer --steps (or no "
+                  "--torch-stream)"}.get(biggest, "a smaller run")
     raise ConfigError(f"the run would need about {need / 2**30:,.1f} GiB of memory (mostly "
                       f"{biggest}: {parts[biggest] / 2**30:,.1f} GiB), more than the "
                       f"{fraction:.0%} of {limit / 2**30:,.1f} GiB this device has; use {fix}")

@@ -23,6 +23,7 @@ import dataclasses
 import datetime
 import hashlib
 import io
+import json
 import os
 import platform
 from collections.abc import Callable
@@ -324,32 +325,38 @@ def _claimed(plan: RunPlan):
     """Create and lock the plan's working directory, then check again, under the lock, that
     it holds what the plan was made for: another process may have written it meanwhile."""
     workdir = plan.workdir
-    created = not workdir.exists()
     try:
-        workdir.mkdir(parents=True, exist_ok=True)
+        workdir.mkdir(parents=True)
+        created = True
+    except FileExistsError:
+        created = False
     except OSError as e:
         raise RunError(f"cannot create run directory {str(workdir)!r} ({e.strerror}); "
                        "choose another --out") from None
-    try:
-        with ckpt.run_lock(workdir):
-            if plan.resumed:
-                if _stamp(workdir / ckpt.CKPT_FILE) != plan.checkpoint_stamp:
-                    raise RunError(f"the checkpoint in {str(workdir)!r} changed after it was "
-                                   "read (another process resumed it?); run the command again")
-            elif plan.replaces:
-                with ckpt.run_lock(plan.replaces):
-                    if check_out_dir(plan.out, True) != ("run", plan.replaces_fingerprint):
-                        raise RunError(f"--out {str(plan.out)!r} changed while the run was "
-                                       "being prepared; run the command again")
-                remove_run(workdir, keep_dir=True)  # leftovers of an earlier --force run
-            else:
-                check_out_dir(workdir, False)  # raises unless empty or unstarted
-                remove_run(workdir, keep_dir=True)  # an unstarted run's files, if any
+    with ckpt.run_lock(workdir):  # a directory in use is left alone, even one we created
+        try:
+            _check_claim(plan, workdir)
             yield workdir
-    except BaseException:
-        if created and not os.listdir(workdir):
-            os.rmdir(workdir)
-        raise
+        except BaseException:
+            if created and not os.listdir(workdir):  # nothing could be written: leave no trace
+                os.rmdir(workdir)
+            raise
+
+
+def _check_claim(plan: RunPlan, workdir: Path) -> None:
+    if plan.resumed:
+        if _stamp(workdir / ckpt.CKPT_FILE) != plan.checkpoint_stamp:
+            raise RunError(f"the checkpoint in {str(workdir)!r} changed after it was read "
+                           "(another process resumed it?); run the command again")
+    elif plan.replaces:
+        with ckpt.run_lock(plan.replaces):
+            if check_out_dir(plan.out, True) != ("run", plan.replaces_fingerprint):
+                raise RunError(f"--out {str(plan.out)!r} changed while the run was being "
+                               "prepared; run the command again")
+        remove_run(workdir, keep_dir=True)  # leftovers of an earlier --force run
+    else:
+        check_out_dir(workdir, False)  # raises unless empty or unstarted
+        remove_run(workdir, keep_dir=True)  # an unstarted run's files, if any
 
 
 def train_run(plan: RunPlan, *, progress: bool = True,
@@ -367,6 +374,11 @@ def train_run(plan: RunPlan, *, progress: bool = True,
     model, config = spec.model, spec.train
     start = int(plan.state.step)
     saved_step = None
+    if plan.resumed and plan.replaces and ckpt.is_finished(plan.workdir):
+        with _claimed(plan):  # finished, but stopped before replacing the earlier run
+            metrics = json.loads(ckpt.read_file(plan.workdir / ckpt.METRICS_FILE))
+        replace_run(plan.workdir, plan)
+        return metrics
 
     with _claimed(plan) as workdir:
         def save(state, losses):

@@ -380,34 +380,45 @@ def check_finite(chunk_losses: np.ndarray, state: TrainState, start: int, model:
     bad = np.flatnonzero(~np.isfinite(chunk_losses))
     if bad.size:
         step = int(start + bad[0])
+        ix = batch_ix[step] if batch_ix is not None else sample_batch(
+            state.key, step, X.shape[0], config.batch_size)
+        xb = np.asarray(X[np.asarray(ix)])
         raise DivergenceError(f"loss became {chunk_losses[bad[0]]} at step {step}; "
-                              f"{divergence_cause(model, config, X, state.key, step, batch_ix)}",
-                              step=step)
+                              f"{divergence_cause(model, config, xb)}", step=step)
     tree = (state.params, state.batch_stats, state.opt_state)
     check = all_finite if compiled is None else compiled(
         "finite", lambda: all_finite.lower(tree))
     if not bool(check(tree)):
         step = start + len(chunk_losses)
-        raise DivergenceError(f"parameters became non-finite by step {step}; lower the learning "
-                              f"rate (e.g. {lower_lr_hint(config)}) or check the initialisation",
-                              step=step)
+        raise DivergenceError(f"parameters became non-finite by step {step}; "
+                              f"{divergence_cause(model, config)}", step=step)
 
 
-def divergence_cause(model: nn.Module, config: TrainConfig, X: jax.Array, key: jax.Array,
-                     step: int, batch_ix=None) -> str:
-    """What to tell a user whose loss stopped being finite at `step`.
+SMALL_BN_BATCH = 8  # the deep network trains at 8 examples per minibatch, not at 5 (docs)
 
-    A batch norm without epsilon (the lecture's) divides by the batch's standard deviation,
-    which is 0 when every example of the minibatch is the same: small batches draw such a
-    minibatch sooner or later, whatever the learning rate.
+
+def divergence_cause(model: nn.Module, config: TrainConfig, xb: np.ndarray | None = None) -> str:
+    """What to tell a user whose run stopped being finite; xb: the (B, T) minibatch, if known.
+
+    Batch norm normalises by the minibatch's own spread. With no epsilon (the lecture's) it
+    divides by zero when every example of a minibatch is the same. With only a few examples,
+    its gradient grows as they get close to each other (up to 1/sqrt(epsilon) for identical
+    ones) and kicks the weights to ever larger values, whatever the learning rate.
     """
-    ix = batch_ix[step] if batch_ix is not None else sample_batch(key, step, X.shape[0],
-                                                                   config.batch_size)
-    xb = np.asarray(X[np.asarray(ix)])
-    if getattr(model, "batchnorm", False) and (xb == xb[0]).all():
-        return (f"all {len(xb)} examples of its minibatch are the same, so batch norm's "
-                "standard deviation is 0 and it divides by zero (the lecture's batch norm has "
-                "no epsilon); use a larger --batch-size, or --bn-epsilon 1e-5")
+    if getattr(model, "batchnorm", False):
+        from jaxmlp.models import BN_PRESETS
+
+        eps = getattr(model, "bn_epsilon", None)
+        eps = BN_PRESETS[model.bn_semantics].epsilon if eps is None else eps
+        if xb is not None and eps == 0 and (xb == xb[0]).all():
+            return (f"all {len(xb)} examples of its minibatch are the same, so batch norm's "
+                    "standard deviation is 0 and it divides by zero (the lecture's batch norm "
+                    "has no epsilon); use a larger --batch-size, or --bn-epsilon 1e-5")
+        if config.batch_size < SMALL_BN_BATCH:
+            return (f"with {config.batch_size} examples per minibatch, batch norm's gradient "
+                    "grows as they get close to each other (up to 1/sqrt(epsilon) for "
+                    "identical ones) and blows up the weights whatever the learning rate; use "
+                    f"--batch-size {SMALL_BN_BATCH} or more")
     return (f"lower the learning rate (e.g. {lower_lr_hint(config)}) or check the "
             "initialisation")
 
