@@ -268,6 +268,9 @@ def test_a_sequential_state_dict_imports_with_a_key_map(torch, sequential, batch
     sequential = copy.deepcopy(sequential)  # its training pass below moves running stats
     state = {k: v.clone() for k, v in sequential.state_dict().items()}
     variables = tb.state_dict_to_variables(state, model, SEQUENTIAL_MAP)
+    with_collections = {k: ("batch_stats/" if "running" in k else "params/") + v
+                        for k, v in SEQUENTIAL_MAP.items()}
+    assert_same_variables(tb.state_dict_to_variables(state, model, with_collections), variables)
     X = torch.as_tensor(batches[3][0])
     for train in (False, True):
         logits, _ = model.apply(variables, jnp.asarray(X.numpy()), train=train,
@@ -313,7 +316,7 @@ def test_a_state_dict_of_any_flax_model_with_its_variables_as_template(torch):
     seq = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     template = jax.eval_shape(Net().init, jax.random.key(0), jnp.zeros((1, 5)))
     key_map = {"0.weight": "fc1/kernel", "0.bias": "fc1/bias", "2.weight": "fc2/kernel",
-               "2.bias": "params/fc2/bias"}  # the collection may be spelled out
+               "2.bias": ("params", "fc2", "bias")}  # the collection may be spelled out
     variables = tb.state_dict_to_variables(seq.state_dict(), template, key_map)
     assert set(variables) == {"params"}
     x = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)

@@ -256,8 +256,9 @@ def state_dict_to_variables(state_dict: Mapping, model, key_map: KeyMap | None =
         `jax.eval_shape` of it), which give the structure and shapes to fill.
     key_map: which state_dict key is which Flax variable, for a state_dict of another torch
         model (e.g. an nn.Sequential): a dict {"0.weight": "embed/embedding", ...} or a callable
-        key -> path. A key it sends to None is skipped; a key it does not know (absent from the
-        dict; the callable raises KeyError) is an error, unless it is a `num_batches_tracked`.
+        key -> path ("module/variable", the collection optionally in front, or a tuple). A
+        key it sends to None is skipped; a key it does not know (absent from the dict; the
+        callable raises KeyError) is an error, unless it is a `num_batches_tracked`.
         Default (jaxmlp models only): `state_dict_keys(model)`, torch_module's own keys.
 
     A Flax kernel is the transpose of a Linear weight; nothing else is changed, so values come
@@ -306,6 +307,8 @@ def _fill(template, state_dict: Mapping, key_map: KeyMap, default: bool) -> dict
             continue
         if target is None:  # skipped on purpose
             continue
+        if isinstance(target, tuple):  # ("bn", "mean") as flax.traverse_util writes it
+            target = "/".join(map(str, target))
         if not isinstance(target, str) or target not in paths:
             known = ", ".join(sorted({"/".join(p[1:]) for p in flat}))
             raise ConfigError(f"the key map sends {key!r} to {target!r}, which this model does "
