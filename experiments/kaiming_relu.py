@@ -73,6 +73,9 @@ try:
     torch = tb.import_torch()
 except JaxmlpError as e:
     sys.exit(f"kaiming_relu: error: {e}")  # one line, exit status 1
+# One thread: for a network this small more only wait on each other (and on a busy machine
+# torch's spinning threads made a step 60 times slower).
+torch.set_num_threads(1)
 
 SIZES = (784, 256, 128, 10)
 

@@ -24,6 +24,7 @@ for jaxmlp's models.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
@@ -71,8 +72,7 @@ def to_numpy(t) -> np.ndarray:
 
 def variable_shapes(model: nn.Module) -> dict:
     """Shapes of the model's Flax variables, without running anything."""
-    return jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((2, model.block_size), jnp.int32)))
+    return jax.tree.map(lambda s: s, _trace(model)[1])  # fresh dicts: callers may edit them
 
 
 def flax_leaf(value, shape_struct, where: str, source: str) -> jax.Array:
@@ -99,13 +99,22 @@ def _jaxmlp_model(model) -> MLP | DeepMLP:
     return model
 
 
-def _trace(model: MLP | DeepMLP) -> tuple[dict[str, nn.Module], dict]:
+def _trace(model: nn.Module) -> tuple[dict[str, nn.Module], dict]:
     """(the model's submodules by name, as its __call__ builds them; its variables' shapes).
 
     Read from an abstract init (nothing is computed), so every setting a submodule really gets
     (a batch norm's preset, momentum and epsilon overrides, a Dense's use_bias) is the one
-    the torch layer is built with.
+    the torch layer is built with. Cached per model (a frozen dataclass: equal fields, equal
+    model), as every conversion needs it; don't edit what it returns.
     """
+    try:
+        hash(model)
+    except TypeError:  # a field that cannot be hashed: trace again each time
+        return _trace_uncached(model)
+    return _trace_cached(model)
+
+
+def _trace_uncached(model: nn.Module) -> tuple[dict[str, nn.Module], dict]:
     submodules = {}
 
     def record(next_fun, args, kwargs, context):
@@ -115,8 +124,12 @@ def _trace(model: MLP | DeepMLP) -> tuple[dict[str, nn.Module], dict]:
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(record):
-        shapes = variable_shapes(model)
+        shapes = jax.eval_shape(
+            lambda: model.init(jax.random.key(0), jnp.zeros((2, model.block_size), jnp.int32)))
     return submodules, shapes
+
+
+_trace_cached = functools.lru_cache(maxsize=64)(_trace_uncached)
 
 
 def _torch_prefixes(model: MLP | DeepMLP) -> dict[str, str]:
@@ -135,7 +148,7 @@ def state_dict_keys(model: nn.Module) -> dict[str, str]:
     torch model. (`*.num_batches_tracked` has no Flax variable and is not listed.)
     """
     m = _jaxmlp_model(model)
-    shapes = variable_shapes(m)
+    shapes = _trace(m)[1]
     keys = {}
     for module, prefix in _torch_prefixes(m).items():
         found = [(TORCH_NAMES[var], f"{module}/{var}") for col in ("params", "batch_stats")
@@ -228,7 +241,7 @@ def variables_to_state_dict(variables: dict, model: nn.Module,
     """
     torch = import_torch()
     m = _jaxmlp_model(model)
-    shapes = variable_shapes(m)
+    shapes = _trace(m)[1]
     out = OrderedDict()
     for key, path in state_dict_keys(m).items():
         module, var = path.split("/")
