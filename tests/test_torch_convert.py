@@ -342,6 +342,11 @@ def test_imported_variables_are_copies(torch, sequential):
     for v in sd.values():
         v.add_(1)
     assert_same_variables(variables, before)
+    # bfloat16 tensors (numpy has no such dtype) come over as their float32 values.
+    half = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()}
+    variables = tb.state_dict_to_variables(half, SEQUENTIAL_MODEL, SEQUENTIAL_MAP)
+    np.testing.assert_array_equal(variables["params"]["bn"]["scale"],
+                                  half["3.weight"].float().numpy())
 
 
 def one_line_error(state_dict, key_map, model=SEQUENTIAL_MODEL) -> str:
