@@ -56,9 +56,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from jaxmlp import torch_bridge as tb
 from jaxmlp.bench import cpu_name
 from jaxmlp.errors import JaxmlpError
+from jaxmlp.figures import plt, save_figure
 from jaxmlp.init import kaiming_normal, torch_linear_default
 from jaxmlp.models import PRECISION
-from jaxmlp.plot import plt, save_figure
 
 ROOT = Path(__file__).resolve().parent.parent
 
