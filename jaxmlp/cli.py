@@ -98,9 +98,7 @@ def cmd_train(args) -> int:
                              schedule=_schedule(args, get_stage(stage).schedule),
                              optimizer=args.optimizer or defaults.optimizer,
                              chunk=_or(args.checkpoint_every, defaults.chunk))
-        fields = {}
-        if args.bn_epsilon is not None:
-            fields["bn_epsilon"] = _bn_epsilon(stage, args.bn_epsilon)
+        fields = {} if args.bn_epsilon is None else {"bn_epsilon": args.bn_epsilon}
         plan = runs.plan_new_run(stage, seed=_or(args.seed, 0), config=config,
                                  data=_or(args.data, _default_data()), out=args.out,
                                  force=args.force, torch_stream=args.torch_stream,
@@ -126,19 +124,6 @@ def _default_data() -> Path:
     from jaxmlp.data import DEFAULT_DATA
 
     return DEFAULT_DATA
-
-
-def _bn_epsilon(stage: str, eps: float) -> float:
-    import math
-
-    from jaxmlp.stages import make_model
-
-    if not getattr(make_model(stage, 2), "batchnorm", False):
-        raise ConfigError(f"--bn-epsilon sets batch norm's epsilon; stage {stage} has no batch "
-                          "norm (use batchnorm or deep)")
-    if not (math.isfinite(eps) and eps >= 0):
-        raise ConfigError(f"--bn-epsilon must be a finite number >= 0, got {eps}")
-    return eps
 
 
 def cmd_eval(args) -> int:
@@ -211,7 +196,7 @@ def cmd_sweep(args) -> int:
     import os
     import time
 
-    from jaxmlp import sweep
+    from jaxmlp import devices, sweep
     from jaxmlp.report import check_report_dir, sweep_markdown, write_sweep
     from jaxmlp.stages import STAGES
 
@@ -233,7 +218,7 @@ def cmd_sweep(args) -> int:
     out = Path(args.out)
     check_report_dir(out, args.force)
     # Before JAX starts: on a CPU host, one XLA device per core (each trains a share of runs).
-    sweep.configure_cpu_devices(args.cpu_devices or sweep.cpu_devices_for(
+    devices.configure_cpu_devices(args.cpu_devices or devices.cpu_devices_for(
         args.seeds * len(stages), os.cpu_count()))
     import jax
 
@@ -265,7 +250,7 @@ def cmd_sweep(args) -> int:
 def cmd_bench(args) -> int:
     import os
 
-    from jaxmlp import bench, sweep
+    from jaxmlp import bench, devices
     from jaxmlp.report import check_report_dir
 
     for name in ("steps", "torch_steps", "repeats", "cpu_devices"):
@@ -275,7 +260,7 @@ def cmd_bench(args) -> int:
                               f"got {value}")
     out = Path(args.out)
     check_report_dir(out, args.force)
-    sweep.configure_cpu_devices(args.cpu_devices or os.cpu_count() or 1)
+    devices.configure_cpu_devices(args.cpu_devices or os.cpu_count() or 1)
     result = bench.run_bench(steps=args.steps, torch_steps=args.torch_steps, full=args.full,
                              data_path=str(args.data), repeats=args.repeats)
     path = bench.write_bench(result, out)

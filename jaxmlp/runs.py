@@ -1,10 +1,10 @@
 """Training in a run directory: plan a new or resumed run, train it with checkpoints, finish it.
 
-A run directory (files: `jaxmlp.checkpoint`) holds `run.json` (what made it, with jaxmlp's
-format marker), `checkpoint.msgpack` (the whole training state, rewritten atomically every
-`config.chunk` steps), and once finished `losses.npy`, `loss.png` and `metrics.json` (written
-last: its presence marks the run finished). Those five files (and their temporary `.NAME.tmp`
-while being written) are the only ones jaxmlp writes, and the only ones it ever removes.
+A run directory holds `run.json` (what made it), `checkpoint.msgpack` (the whole training
+state, rewritten atomically every `config.chunk` steps), and once finished `losses.npy`,
+`loss.png` and `metrics.json` (written last: its presence marks the run finished). Their
+formats: `jaxmlp.checkpoint`; which files are jaxmlp's, and how a run replaces another:
+`jaxmlp.rundir`.
 
     plan = plan_new_run("batchnorm", seed=0, out="runs/bn", config=TrainConfig())
     metrics = train_run(plan)             # or plan_resumed_run("runs/bn") after a crash
@@ -21,24 +21,22 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import hashlib
 import io
 import json
 import os
 import platform
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
 from jaxmlp import checkpoint as ckpt
+from jaxmlp import rundir
 from jaxmlp.data import DEFAULT_DATA, Dataset, load_dataset
 from jaxmlp.errors import ConfigError, DataError, DivergenceError, RunError
 from jaxmlp.limits import check_seed
 from jaxmlp.train import TrainConfig, TrainState
-
-STAGING, REPLACED = ".partial", ".replaced"  # OUT.partial: a --force run until it finishes
 
 
 @dataclasses.dataclass
@@ -67,128 +65,6 @@ class RunPlan:
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during `train_run`; the message says where the last checkpoint is."""
-
-
-# --------------------------------------------------------------------- what a directory holds
-
-
-def own_names() -> set[str]:
-    """Every name jaxmlp writes in a run directory, temporary files included."""
-    return {*ckpt.RUN_FILES, *(f".{name}.tmp" for name in ckpt.RUN_FILES)}
-
-
-def foreign_entries(directory: Path) -> list[str]:
-    """The entries of `directory` that jaxmlp did not write (sorted)."""
-    return sorted(set(os.listdir(directory)) - own_names())
-
-
-def fingerprint(directory: Path) -> str:
-    """SHA-256 over the run files of `directory`: the same run, byte for byte, or not."""
-    h = hashlib.sha256()
-    for name in ckpt.RUN_FILES:
-        path = directory / name
-        if path.is_file():
-            h.update(f"{name}\0".encode())
-            h.update(ckpt.read_file(path))
-    return h.hexdigest()
-
-
-def remove_run(directory: Path, keep_dir: bool = False) -> None:
-    """Delete the files jaxmlp writes in `directory` (and the directory, if then empty);
-    RunError naming anything else in it, which is never touched."""
-    foreign = foreign_entries(directory)
-    if foreign:
-        raise RunError(f"{str(directory)!r} holds {_names(foreign)}, which jaxmlp did not "
-                       "write; move them out (jaxmlp removes only its own run files)")
-    for name in own_names():
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(directory / name)
-    if not keep_dir:
-        os.rmdir(directory)
-
-
-def _names(entries: list[str], limit: int = 3) -> str:
-    shown = ", ".join(repr(e) for e in entries[:limit])
-    return shown + (f" and {len(entries) - limit} more" if len(entries) > limit else "")
-
-
-class Holding(NamedTuple):
-    """What a new run's directory holds: "new" (nothing there), "empty", "unstarted" (only
-    jaxmlp's files and no checkpoint: a run stopped before its first one) or "run" (a jaxmlp
-    run that `force` replaces, with its fingerprint)."""
-
-    kind: str
-    fingerprint: str = ""
-
-
-def check_out_dir(out: Path, force: bool) -> Holding:
-    """Validate a new run's directory (nothing is written); see `Holding`.
-
-    Without `force` only a new, empty or unstarted directory is accepted. With it, also a
-    jaxmlp run that holds nothing but jaxmlp's own files; never the directory one is in.
-    """
-    shown, real = str(out), _real(out)
-    for path in (real, staging_dir(real)):
-        try:
-            os.stat(path)
-        except (FileNotFoundError, NotADirectoryError):
-            pass  # reported below
-        except OSError as e:
-            raise RunError(f"cannot use --out {shown!r} ({e.strerror}); choose another --out"
-                           ) from None
-    if real.exists() and not real.is_dir():
-        raise RunError(f"--out {shown!r} is a file; choose a directory path")
-    if not real.exists():
-        parent = next(p for p in real.parents if p.exists())
-        if not parent.is_dir():
-            raise RunError(f"cannot create --out {shown!r}: {str(parent)!r} is a file; choose "
-                           "another --out")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise RunError(f"cannot create --out {shown!r}: no permission to write in "
-                           f"{str(parent)!r}; choose another --out")
-        return Holding("new")
-    if not os.access(real, os.W_OK | os.X_OK):
-        raise RunError(f"cannot write in --out {shown!r} (permission denied); choose another "
-                       "--out")
-    entries = os.listdir(real)
-    if not entries:
-        return Holding("empty")
-    foreign = foreign_entries(real)
-    if not foreign and not (real / ckpt.CKPT_FILE).exists() and not ckpt.is_finished(real):
-        return Holding("unstarted")
-    if not ckpt.is_run_spec(real / ckpt.SPEC_FILE):
-        what = ("its run.json is not a jaxmlp run's" if (real / ckpt.SPEC_FILE).exists()
-                else f"no {ckpt.SPEC_FILE}")
-        raise RunError(f"--out {shown!r} is not empty and holds no jaxmlp run ({what}); choose "
-                       "a new or empty directory")
-    if not force:
-        if ckpt.is_finished(real):
-            raise RunError(f"--out {shown!r} already holds a finished run; pass --force to "
-                           "replace it (once the new run finishes) or choose another --out")
-        raise RunError(f"--out {shown!r} holds an unfinished run; continue it with --resume "
-                       f"{shown}, replace it with --force, or choose another --out")
-    if foreign:
-        raise RunError(f"--force replaces only jaxmlp's own files, and --out {shown!r} also "
-                       f"holds {_names(foreign)}; move them out or choose another --out")
-    if Path.cwd().resolve().is_relative_to(real):
-        raise RunError(f"--force cannot replace --out {shown!r}: it holds the current "
-                       "directory; cd out of it, or choose another --out")
-    staging = staging_dir(real)
-    if staging.exists() and (not staging.is_dir() or foreign_entries(staging)):
-        raise RunError(f"{str(staging)!r} is in the way (a --force run trains there first); "
-                       "move it away")
-    return Holding("run", fingerprint(real))
-
-
-def _real(path: str | Path) -> Path:
-    """The absolute path with symlinks resolved: a --out that is a link names its target."""
-    return Path(os.path.realpath(path))
-
-
-def staging_dir(out: str | Path) -> Path:
-    """Where a --force run trains until it finishes and replaces `out` (a sibling of it)."""
-    out = _real(out)
-    return out.with_name(out.name + STAGING)
 
 
 def default_out(stage: str, seed: int, torch_stream: bool = False) -> Path:
@@ -238,7 +114,7 @@ def plan_new_run(stage: str = "batchnorm", *, seed: int = 0, config: TrainConfig
         check_model(sized)  # a model the lecture's code can express
         import_torch()  # fail before anything else when torch is missing
     out = Path(out) if out is not None else default_out(stage, seed, torch_stream)
-    holding = check_out_dir(out, force)
+    holding = rundir.check_out_dir(out, force)
     dataset = load_dataset(data, block_size=block_size)
     model = make_model(stage, dataset.vocab.size, block_size=block_size, n_embd=n_embd,
                        n_hidden=n_hidden, **model_fields)
@@ -247,10 +123,10 @@ def plan_new_run(stage: str = "batchnorm", *, seed: int = 0, config: TrainConfig
                         torch_stream=torch_stream)
     state, batch_ix = start_state(model, config, seed=seed, torch_stream=torch_stream,
                                   n_train=len(dataset.train.X))
-    replacing = holding.kind == "run"
+    replacing, real = holding.kind == "run", rundir.real_path(out)
     return RunPlan(spec=spec, data=dataset, state=state, losses=np.zeros(0, np.float32),
-                   out=out, workdir=staging_dir(out) if replacing else _real(out),
-                   replaces=str(_real(out)) if replacing else "",
+                   out=out, workdir=rundir.staging_dir(out) if replacing else real,
+                   replaces=str(real) if replacing else "",
                    replaces_fingerprint=holding.fingerprint, batch_ix=batch_ix)
 
 
@@ -266,15 +142,15 @@ def plan_resumed_run(run: str | Path, *, data: str | Path | None = None,
     elsewhere (its SHA-256 must match) and `checkpoint_every` changes only when it saves. A run
     stopped before its first checkpoint starts again from step 0 (its spec determines it).
     """
-    run = _real(run)
+    run = rundir.real_path(run)
     spec = ckpt.load_spec(run)
-    unstarted = not foreign_entries(run) and not any(
+    unstarted = not rundir.foreign_entries(run) and not any(
         (run / name).exists() for name in (ckpt.CKPT_FILE, ckpt.METRICS_FILE, ckpt.LOSSES_FILE))
     ck = None if unstarted else ckpt.load_checkpoint(run)
     if ck is not None and ck.step >= spec.train.steps and ckpt.is_finished(run):
-        hint = ""
-        if staging_dir(run).is_dir():
-            hint = f"; an interrupted --force run is in {str(staging_dir(run))!r}: resume that"
+        staging, hint = rundir.staging_dir(run), ""
+        if staging.is_dir():
+            hint = f"; an interrupted --force run is in {str(staging)!r}: resume that"
         if not ck.replaces:
             raise RunError(f"run {str(run)!r} already finished ({spec.train.steps:,} steps), "
                            f"nothing to resume; use `jaxmlp eval --run {run}`{hint}")
@@ -350,13 +226,13 @@ def _check_claim(plan: RunPlan, workdir: Path) -> None:
                            "(another process resumed it?); run the command again")
     elif plan.replaces:
         with ckpt.run_lock(plan.replaces):
-            if check_out_dir(plan.out, True) != ("run", plan.replaces_fingerprint):
+            if rundir.check_out_dir(plan.out, True) != ("run", plan.replaces_fingerprint):
                 raise RunError(f"--out {str(plan.out)!r} changed while the run was being "
                                "prepared; run the command again")
-        remove_run(workdir, keep_dir=True)  # leftovers of an earlier --force run
+        rundir.remove_run(workdir, keep_dir=True)  # leftovers of an earlier --force run
     else:
-        check_out_dir(workdir, False)  # raises unless empty or unstarted
-        remove_run(workdir, keep_dir=True)  # an unstarted run's files, if any
+        rundir.check_out_dir(workdir, False)  # raises unless empty or unstarted
+        rundir.remove_run(workdir, keep_dir=True)  # an unstarted run's files, if any
 
 
 def train_run(plan: RunPlan, *, progress: bool = True,
@@ -377,7 +253,7 @@ def train_run(plan: RunPlan, *, progress: bool = True,
     if plan.resumed and plan.replaces and ckpt.is_finished(plan.workdir):
         with _claimed(plan):  # finished, but stopped before replacing the earlier run
             metrics = json.loads(ckpt.read_file(plan.workdir / ckpt.METRICS_FILE))
-        replace_run(plan.workdir, plan)
+        rundir.replace_run(plan.workdir, Path(plan.replaces), plan.replaces_fingerprint)
         return metrics
 
     with _claimed(plan) as workdir:
@@ -418,7 +294,7 @@ def train_run(plan: RunPlan, *, progress: bool = True,
         losses = np.concatenate([prior, result.losses])
         metrics = _finish(plan, workdir, result, losses, n_params, start)
     if plan.replaces:
-        replace_run(workdir, plan)
+        rundir.replace_run(workdir, Path(plan.replaces), plan.replaces_fingerprint)
     return metrics
 
 
@@ -468,29 +344,6 @@ def _finish(plan: RunPlan, workdir: Path, result, losses: np.ndarray, n_params: 
                        f"the final checkpoint is saved: free space, then `jaxmlp train "
                        f"--resume {workdir}`") from None
     return metrics
-
-
-def replace_run(staging: Path, plan: RunPlan) -> None:
-    """Move the finished run in `staging` to `plan.out`, replacing the run there only if it
-    is still the one this run was planned to replace, byte for byte."""
-    out = Path(plan.replaces)
-    trash = out.with_name(out.name + REPLACED)
-    moved_away = RunError(f"--out {str(plan.out)!r} no longer holds the run this --force run "
-                          f"replaces (it was changed or moved); the finished run is in "
-                          f"{str(staging)!r}: move it where you want it")
-    if out.exists():
-        with ckpt.run_lock(out):
-            if (not out.is_dir() or foreign_entries(out)
-                    or fingerprint(out) != plan.replaces_fingerprint):
-                raise moved_away
-            if trash.exists():
-                remove_run(trash)
-            os.rename(out, trash)
-            os.rename(staging, out)
-    else:
-        os.rename(staging, out)
-    if trash.exists() and fingerprint(trash) == plan.replaces_fingerprint:
-        remove_run(trash)  # also after a crash between the two renames
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

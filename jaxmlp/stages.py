@@ -21,6 +21,8 @@ and the deep network (`DeepMLP`):
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from flax import linen as nn
@@ -117,5 +119,19 @@ def make_model(stage: str, vocab_size: int, block_size: int = 3, n_embd: int = 1
                         ("vocab_size", vocab_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    return s.model(vocab_size=vocab_size, block_size=block_size, n_embd=n_embd,
-                   n_hidden=n_hidden, **{**s.fields, **overrides})
+    known = {f.name for f in dataclasses.fields(s.model)} - {"parent", "name"}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"{s.model.__name__} (stage {stage}) has no field {unknown[0]!r}; "
+                          f"its fields are {', '.join(sorted(known))}")
+    model = s.model(vocab_size=vocab_size, block_size=block_size, n_embd=n_embd,
+                    n_hidden=n_hidden, **{**s.fields, **overrides})
+    eps = overrides.get("bn_epsilon")
+    if eps is not None:
+        if not model.batchnorm:
+            raise ConfigError(f"--bn-epsilon sets batch norm's epsilon; stage {stage} has no "
+                              "batch norm (use batchnorm or deep)")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (
+                math.isfinite(eps) and eps >= 0):
+            raise ConfigError(f"--bn-epsilon must be a finite number >= 0, got {eps!r}")
+    return model

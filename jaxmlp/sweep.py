@@ -26,7 +26,6 @@ cores; see `cpu_devices_for`.
 from __future__ import annotations
 
 import functools
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxmlp import limits
+from jaxmlp.devices import RUNS, place, run_mesh, to_host
 from jaxmlp.errors import ConfigError
 from jaxmlp.evaluate import eval_loss
 from jaxmlp.report import summarize, t975  # noqa: F401 (t975: part of this module's API)
@@ -52,9 +52,6 @@ from jaxmlp.train import (
     progress_bar,
     run_steps,
 )
-
-RUNS = "runs"  # the mesh axis that the run axis is split over
-
 
 # ---------------------------------------------------------------------------------------------
 # Stacked states
@@ -103,77 +100,6 @@ def _pad_runs(tree, k_pad: int):
     return jax.tree.map(
         lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], k_pad - x.shape[0], axis=0)])
         if k_pad > x.shape[0] else x, tree)
-
-
-# ---------------------------------------------------------------------------------------------
-# Devices
-
-
-def run_mesh(devices: Sequence[jax.Device] | None = None, num_runs: int | None = None) -> Mesh:
-    """A 1-D mesh named "runs" over `devices` (default: all devices of the default backend,
-    those of every process after jax.distributed.initialize()), using no more devices than
-    there are runs."""
-    devices = list(jax.devices() if devices is None else devices)
-    if not devices:
-        raise ConfigError("no devices to run on; pass at least one jax.Device")
-    if num_runs is not None:
-        devices = devices[:max(1, min(len(devices), num_runs))]
-    return Mesh(np.asarray(devices), (RUNS,))
-
-
-def _place(tree, sharding: NamedSharding):
-    """Put every leaf of `tree` (the same value in every process) on `sharding`: a copy.
-
-    With one process that is device_put. With several (jax.distributed), the mesh spans devices
-    of other processes, and each process supplies the shards of its own devices.
-    """
-    if sharding.is_fully_addressable:
-        return jax.device_put(tree, sharding, may_alias=False)
-
-    def leaf(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:  # already global
-            return jax.device_put(x, sharding, may_alias=False)
-        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-            data = _place(np.asarray(jax.random.key_data(x)), sharding)
-            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
-        x = np.asarray(x)
-        return jax.make_array_from_process_local_data(sharding, x, x.shape)
-
-    return jax.tree.map(leaf, tree)
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-    """The whole of `x` as a NumPy array in this process, gathered from all processes if the
-    mesh spans several."""
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def cpu_devices_for(num_runs: int, cores: int | None = None) -> int:
-    """How many XLA CPU devices to split the host into for a sweep of `num_runs` runs.
-
-    One device per core keeps every core busy with its own share of the runs; XLA's own
-    threading inside one device gains much less on a few small matrices (docs/speed.md).
-    """
-    cores = cores or os.cpu_count() or 1
-    return max(1, min(num_runs, cores))
-
-
-def configure_cpu_devices(n: int) -> bool:
-    """Split the host CPU into `n` XLA devices, if JAX has not started yet and the user has
-    not chosen a count (XLA_FLAGS / JAX_NUM_CPU_DEVICES). Returns whether it took effect."""
-    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
-        return False
-    if os.environ.get("JAX_NUM_CPU_DEVICES"):
-        return False
-    try:
-        jax.config.update("jax_num_cpu_devices", int(n))
-    except RuntimeError:  # the backend is already initialised: keep its devices
-        return False
-    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,14 +195,14 @@ def train_many(states: TrainState, X, Y, model: nn.Module, config: TrainConfig, 
                               f"{(*need, config.batch_size)}")
     run_sharding, replicated = NamedSharding(mesh, P(RUNS)), NamedSharding(mesh, P())
     # A copy: the chunks donate their input states, and the caller keeps theirs.
-    states = _place(_pad_runs(states, k_pad), run_sharding)
+    states = place(_pad_runs(states, k_pad), run_sharding)
     if lr_scale is not None:
         lr_scale = jnp.asarray(lr_scale, jnp.float32).reshape(-1)
         if lr_scale.shape != (k,):
             raise ConfigError(f"lr_scale has {lr_scale.shape[0]} values for {k} runs; give "
                               "one learning-rate multiplier per run")
-        lr_scale = _place(_pad_runs(lr_scale, k_pad), run_sharding)
-    X, Y = _place(np.asarray(X), replicated), _place(np.asarray(Y), replicated)
+        lr_scale = place(_pad_runs(lr_scale, k_pad), run_sharding)
+    X, Y = place(np.asarray(X), replicated), place(np.asarray(Y), replicated)
     chunk = chunk or config.chunk
 
     def chunk_ix(s, n):
@@ -284,8 +210,8 @@ def train_many(states: TrainState, X, Y, model: nn.Module, config: TrainConfig, 
             return None
         if per_run_ix:
             ix = _pad_runs(jnp.asarray(np.asarray(batch_ix)[:, s:s + n], jnp.int32), k_pad)
-            return _place(ix, run_sharding)
-        return _place(np.asarray(batch_ix)[s:s + n].astype(np.int32), replicated)
+            return place(ix, run_sharding)
+        return place(np.asarray(batch_ix)[s:s + n].astype(np.int32), replicated)
 
     t0 = time.perf_counter()
     compiled_before = _PROGRAMS.seconds
@@ -302,7 +228,7 @@ def train_many(states: TrainState, X, Y, model: nn.Module, config: TrainConfig, 
                 states, X, Y, ix, lr_scale, model=model, config=config, num_steps=n, mesh=mesh,
                 per_run_ix=per_run_ix), platform)
             states, chunk_losses = program(states, X, Y, ix, lr_scale)
-            losses.append(_to_host(chunk_losses)[:k])  # the one host sync per chunk
+            losses.append(to_host(chunk_losses)[:k])  # the one host sync per chunk
             if log is not None:
                 log(f"{s + n:7d}/{config.steps:7d}: mean loss of the last step "
                     f"{np.nanmean(losses[-1][:, -1]):.4f}")
@@ -335,12 +261,12 @@ def split_losses_many(model: nn.Module, states: TrainState, data,
     k = num_runs(states)
     mesh = run_mesh(devices, k)
     k_pad = -(-k // mesh.devices.size) * mesh.devices.size
-    variables = _place(_pad_runs(states.variables, k_pad), NamedSharding(mesh, P(RUNS)))
+    variables = place(_pad_runs(states.variables, k_pad), NamedSharding(mesh, P(RUNS)))
     replicated = NamedSharding(mesh, P())
     out = {}
     for split in splits:
-        X, Y = (_place(np.asarray(a), replicated) for a in data.split(split))
-        out[split] = _to_host(_eval_many(variables, X, Y, model=model, mesh=mesh))[:k]
+        X, Y = (place(np.asarray(a), replicated) for a in data.split(split))
+        out[split] = to_host(_eval_many(variables, X, Y, model=model, mesh=mesh))[:k]
     return out
 
 
