@@ -428,9 +428,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: error: cannot use{where} ({e.strerror or e}); check the path, its "
               "permissions and free space", file=sys.stderr)
         return 2
-    except MemoryError:
-        print(f"{name}: error: out of memory; use a smaller model, batch or sweep",
-              file=sys.stderr)
+    except Exception as e:  # the device ran out of memory despite the estimates
+        if not isinstance(e, MemoryError) and "RESOURCE_EXHAUSTED" not in str(e):
+            raise  # anything else is a bug: keep its traceback
+        print(f"{name}: error: out of memory ({str(e).splitlines()[0][:120]}); use a smaller "
+              "model, batch or sweep", file=sys.stderr)
         return 2
 
 

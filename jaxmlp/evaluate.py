@@ -111,28 +111,32 @@ def sample_names(model: nn.Module, variables, vocab: Vocab, key: jax.Array, num:
     return [vocab.decode(row) for row in tokens]
 
 
-def _load_for_use(run):
-    """A run's last checkpoint for eval/sample; an unfinished run is used with a note."""
-    import sys
-
+def _note_unfinished(ck, run, log) -> None:
+    """Say that an unfinished run's last checkpoint was used (after the work succeeded)."""
     from jaxmlp import checkpoint as ckpt
 
-    ck = ckpt.load_checkpoint(run)
-    if not ckpt.is_finished(run):
-        print(f"note: {run} is unfinished (step {ck.step:,} of {ck.spec.train.steps:,}); using "
-              "its last checkpoint", file=sys.stderr)
-    return ck
+    if log is not None and not ckpt.is_finished(run):
+        log(f"note: {run} is unfinished (step {ck.step:,} of {ck.spec.train.steps:,}); used "
+            "its last checkpoint")
 
 
-def evaluate_run(run, data=None, calibrated: bool = False) -> dict[str, float]:
+def _stderr(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr)
+
+
+def evaluate_run(run, data=None, calibrated: bool = False, log=_stderr) -> dict[str, float]:
     """`jaxmlp eval`: the split losses of the run in directory `run`, on the names it was
     trained on (`data` defaults to the file its run.json records; DataError if the file's
     content is not what the run trained on). calibrated: full-training-set batch-norm
-    statistics instead of the running ones."""
+    statistics instead of the running ones. An unfinished run's last checkpoint is used, and
+    `log` says so."""
+    from jaxmlp.checkpoint import load_checkpoint
     from jaxmlp.data import load_dataset
     from jaxmlp.errors import DataError
 
-    ck = _load_for_use(run)
+    ck = load_checkpoint(run)
     spec = ck.spec
     path = spec.data if data is None else data
     dataset = load_dataset(path, block_size=spec.model.block_size, vocab=spec.vocab)
@@ -142,16 +146,22 @@ def evaluate_run(run, data=None, calibrated: bool = False) -> dict[str, float]:
     variables = ck.state.variables
     if calibrated:
         variables = calibrate(variables, jnp.asarray(dataset.train.X), model=spec.model)
-    return split_losses(spec.model, variables, dataset)
+    losses = split_losses(spec.model, variables, dataset)
+    _note_unfinished(ck, run, log)
+    return losses
 
 
-def sample_run(run, num: int = 20, seed: int = 0) -> list[str]:
+def sample_run(run, num: int = 20, seed: int = 0, log=_stderr) -> list[str]:
     """`jaxmlp sample`: `num` names from the run in directory `run`, drawn from key `seed`."""
-    ck = _load_for_use(run)
+    from jaxmlp.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(run)
     spec = ck.spec
     need = num * limits.activation_floats(spec.model) * 4
     if need > limits.EVAL_BYTES:
         raise ConfigError(f"sampling {num:,} names at once from this model needs about "
                           f"{need / 2**30:.1f} GiB; ask for fewer with -n")
-    return sample_names(spec.model, ck.state.variables, spec.vocab, jax.random.key(seed),
-                        num=num)
+    names = sample_names(spec.model, ck.state.variables, spec.vocab, jax.random.key(seed),
+                         num=num)
+    _note_unfinished(ck, run, log)
+    return names

@@ -49,6 +49,7 @@ from jaxmlp.train import (
     TrainState,
     chunks,
     create_train_state,
+    program_key,
     progress_bar,
     run_steps,
 )
@@ -221,9 +222,8 @@ def train_many(states: TrainState, X, Y, model: nn.Module, config: TrainConfig, 
     try:
         for s, n in chunks(start, config.steps, chunk):
             ix = chunk_ix(s, n)
-            key = (model, config, n, mesh, per_run_ix,
-                   *(jax.typeof(x) for x in jax.tree.leaves((states, X, Y, ix, lr_scale))),
-                   jax.tree.structure((states, ix, lr_scale)))
+            key = program_key(model, config, n, mesh, per_run_ix,
+                              arrays=(states, X, Y, ix, lr_scale))
             program = _PROGRAMS(key, lambda states=states, ix=ix, n=n: train_many_chunk.lower(
                 states, X, Y, ix, lr_scale, model=model, config=config, num_steps=n, mesh=mesh,
                 per_run_ix=per_run_ix), platform)
@@ -343,6 +343,10 @@ def run_sweep(stages: Sequence[str], seeds: Sequence[int], data, *, steps: int |
         if log is not None:
             log(f"{', '.join(names)}: {len(seeds)} seeds each, {k} runs in one program, "
                 f"{config.steps:,} steps")
+        state_bytes = 4 * limits.count_params(train_model) * (
+            1 + (2 if config.optimizer == "adam" else 0))
+        limits.check_memory({"loss history": 4 * k * config.steps,
+                             "states": 3 * k * state_bytes}, fix="fewer seeds, stages or steps")
         states = _group_states(seeds, [m[1] for m in members], train_model, config)
         result = train_many(states, *data.train, train_model, config, devices=devices,
                             chunk=chunk or sweep_chunk(k), progress=progress)

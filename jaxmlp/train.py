@@ -271,7 +271,12 @@ def _supported_cpu_options() -> dict:
 
 
 class Compiled:
-    """Programs compiled ahead of time, once per key, with the seconds spent compiling."""
+    """Programs compiled ahead of time, once per key, with the seconds spent compiling.
+
+    Ahead of time (not on first call, as `jax.jit` would) so that a run can report its
+    compile time apart from its run time; the key must say everything the program depends on
+    (`program_key`).
+    """
 
     def __init__(self):
         self.seconds = 0.0
@@ -284,6 +289,16 @@ class Compiled:
                 compiler_options=compiler_options(platform) if platform else None)
             self.seconds += time.perf_counter() - t0
         return self._programs[key]
+
+
+def program_key(*static, arrays=()) -> tuple:
+    """A `Compiled` key: the static arguments, and the type (shape, dtype, sharding) of every
+    array of `arrays` with their tree structure."""
+    return (*static, *(jax.typeof(x) for x in jax.tree.leaves(arrays)), jax.tree.structure(arrays))
+
+
+# The training programs of `fit`, kept for the process like jit's own cache.
+_PROGRAMS = Compiled()
 
 
 def chunks(start: int, steps: int, chunk: int) -> Iterator[tuple[int, int]]:
@@ -328,30 +343,32 @@ def fit(state: TrainState, X, Y, model: nn.Module, config: TrainConfig, *,
     on_chunk(state, losses): called after every chunk that is entirely finite, with the new
         state and this call's minibatch losses so far ((state.step - start,) float32); this is
         where checkpoints are written. A chunk that diverges never reaches it, so the last
-        state it saw is the last good one. The state's buffers are donated to the next chunk:
-        copy (e.g. serialise) what you keep before returning.
+        state it saw is the last good one. Its buffers are donated to the next chunk: copy
+        (e.g. serialise) what you keep before returning. (`state` itself is copied first, so
+        the caller's stays usable; `train_chunk` donates what it is given.)
     """
     config.validate(batchnorm=getattr(model, "batchnorm", False))
     X, Y = jnp.asarray(X), jnp.asarray(Y)
     start = int(state.step)
+    state = _copy(state)  # the chunks donate their input: the caller's state stays usable
     losses = []
     t0 = time.perf_counter()
-    compiled = Compiled()
+    compiled_before = _PROGRAMS.seconds
     platform = next(iter(X.devices())).platform
 
-    def program(n: int):
-        ix = None if batch_ix is None else jnp.asarray(batch_ix[:n])
-        return compiled(n, lambda: train_chunk.lower(state, X, Y, ix, model=model, config=config,
-                                                     num_steps=n), platform)
+    def program(n: int, ix):
+        key = program_key("fit", model, config, n, platform, arrays=(state, X, Y, ix))
+        return _PROGRAMS(key, lambda: train_chunk.lower(state, X, Y, ix, model=model,
+                                                        config=config, num_steps=n), platform)
 
     bar = progress_bar(config, start, progress)
     emit = bar.write if progress else log  # log lines above the bar, not through it
     try:
         for s, n in chunks(start, config.steps, config.chunk):
             ix = None if batch_ix is None else jnp.asarray(batch_ix[s:s + n])
-            state, chunk_losses = program(n)(state, X, Y, ix)
+            state, chunk_losses = program(n, ix)(state, X, Y, ix)
             chunk_losses = np.asarray(chunk_losses)  # the one host sync per chunk
-            check_finite(chunk_losses, state, s, model, config, X, batch_ix, compiled)
+            check_finite(chunk_losses, state, s, model, config, X, batch_ix)
             losses.append(chunk_losses)
             if log is not None:
                 for i in range(-(-s // log_every) * log_every, s + n, log_every):
@@ -362,7 +379,13 @@ def fit(state: TrainState, X, Y, model: nn.Module, config: TrainConfig, *,
     finally:
         bar.close()
     all_losses = np.concatenate(losses) if losses else np.zeros(0, np.float32)
-    return FitResult(state, all_losses, time.perf_counter() - t0, compiled.seconds)
+    return FitResult(state, all_losses, time.perf_counter() - t0,
+                     _PROGRAMS.seconds - compiled_before)
+
+
+@jax.jit
+def _copy(tree):
+    return jax.tree.map(jnp.copy, tree)
 
 
 @jax.jit
@@ -374,8 +397,7 @@ def all_finite(tree) -> jax.Array:
 
 
 def check_finite(chunk_losses: np.ndarray, state: TrainState, start: int, model: nn.Module,
-                 config: TrainConfig, X: jax.Array, batch_ix=None,
-                 compiled: Compiled | None = None) -> None:
+                 config: TrainConfig, X: jax.Array, batch_ix=None) -> None:
     """DivergenceError naming the first non-finite step of a chunk, and its likely cause."""
     bad = np.flatnonzero(~np.isfinite(chunk_losses))
     if bad.size:
@@ -386,8 +408,7 @@ def check_finite(chunk_losses: np.ndarray, state: TrainState, start: int, model:
         raise DivergenceError(f"loss became {chunk_losses[bad[0]]} at step {step}; "
                               f"{divergence_cause(model, config, xb)}", step=step)
     tree = (state.params, state.batch_stats, state.opt_state)
-    check = all_finite if compiled is None else compiled(
-        "finite", lambda: all_finite.lower(tree))
+    check = _PROGRAMS(program_key("finite", arrays=tree), lambda: all_finite.lower(tree))
     if not bool(check(tree)):
         step = start + len(chunk_losses)
         raise DivergenceError(f"parameters became non-finite by step {step}; "

@@ -161,6 +161,26 @@ BAD = [
     (["sample", "--run", "missing"], "does not exist"),
     (["sample", "--run", "garbage"], "it does not parse"),
     (["eval", "--run", "foreign"], "not a jaxmlp checkpoint"),
+    # sizes that pass the simple checks but not the machine's memory
+    (["train", "--batch-size", "100000", "--n-hidden", "20000"], "the run would need about"),
+    # numbers that would overflow later
+    (["train", "--lr", "0.1,0.01", "--lr-boundaries", "3000000000"], "at most 2,147,483,647"),
+    (["train", "--lr", "1e39"], "overflows float32"),
+    (["train", "--lr", "1e-300"], "underflows float32"),
+    (["train", "--stage", "kaiming", "--bn-epsilon", "1e-5"], "has no batch norm"),
+    (["train", "--bn-epsilon", "-1"], "--bn-epsilon must be a finite number >= 0"),
+    # every subcommand checks what train checks
+    (["diagnose", "--seed", "-1"], "--seed must be between"),
+    (["diagnose", "--seed", str(2**64)], "--seed must be between"),
+    (["diagnose", "--threshold", "0"], "--threshold must lie strictly between 0 and 1"),
+    (["diagnose", "--batch-size", "200000"], "larger than the training set"),
+    (["diagnose", "--batch-size", "0"], "batch size must be a positive"),
+    (["reproduce", "--seed", "-1"], "--seed must be between"),
+    (["reproduce", "--stages", ""], "no stages to reproduce"),
+    (["sweep", "--stages", ""], "--stages is empty"),
+    (["sweep", "--stages", ","], "--stages is empty"),
+    (["sweep", "--seeds", "100000"], "would need about"),
+    (["bench", "--out", "run"], "is not empty; pass --force"),
     # no command at all
     ([], "the following arguments are required"),
     (["fly"], "invalid choice"),

@@ -1,4 +1,5 @@
-"""The README is what a user reads first: its commands, options and code must work as written."""
+"""The README and docs/ are what a user reads first: their commands, options, code and links must
+work as written."""
 
 import re
 import shlex
@@ -10,12 +11,13 @@ from jaxmlp.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
+DOCS = {p: p.read_text(encoding="utf-8") for p in sorted((ROOT / "docs").glob("*.md"))}
 
 
-def section(title: str) -> str:
+def section(title: str, text: str = README) -> str:
     """The text of the `## title` section, up to the next `## `."""
-    m = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", README + "\n## ", re.S | re.M)
-    assert m, f"README has no '## {title}' section"
+    m = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", text + "\n## ", re.S | re.M)
+    assert m, f"no '## {title}' section"
     return m.group(1)
 
 
@@ -30,29 +32,35 @@ def test_quick_start_is_two_commands_in_one_block():
     assert "Quick start" in ci and "sed -n 2p" in ci  # CI runs the second line, verbatim
 
 
+def test_readme_is_short():
+    assert len(README.splitlines()) <= 250
+
+
 def _subcommands():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.choices and "train" in a.choices)
     return sub.choices
 
 
-def test_every_command_line_in_the_readme_parses():
+def test_every_command_line_in_the_readme_and_docs_parses():
     """Each `jaxmlp ...` line of a bash block names a real command with real options."""
     subs = _subcommands()
     checked = 0
-    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
-        for line in block.splitlines():
-            m = re.match(r"\s*(?:\.venv/bin/)?jaxmlp (\w+)(.*)", line.split("#")[0])
-            if not m:
-                continue
-            command, rest = m.groups()
-            assert command in subs, f"README uses unknown command `jaxmlp {command}`"
-            options = {o for a in subs[command]._actions for o in a.option_strings}
-            for word in shlex.split(rest.replace("[", " ").replace("]", " ").replace("|", " ")):
-                if word.startswith("-"):
-                    assert word in options, f"`jaxmlp {command}` has no option {word}"
-            checked += 1
-    assert checked >= 15
+    for text in (README, *DOCS.values()):
+        for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+            for line in block.splitlines():
+                m = re.match(r"\s*(?:\.venv/bin/)?jaxmlp (\w+)(.*)", line.split("#")[0])
+                if not m:
+                    continue
+                command, rest = m.groups()
+                assert command in subs, f"unknown command `jaxmlp {command}`"
+                options = {o for a in subs[command]._actions for o in a.option_strings}
+                for word in shlex.split(rest.replace("[", " ").replace("]", " ")
+                                        .replace("|", " ")):
+                    if word.startswith("-"):
+                        assert word in options, f"`jaxmlp {command}` has no option {word}"
+                checked += 1
+    assert checked >= 20
 
 
 def test_the_train_options_listed_are_the_real_ones():
@@ -64,13 +72,37 @@ def test_the_train_options_listed_are_the_real_ones():
     assert listed - {"--help"} == real
 
 
-@pytest.mark.parametrize("title", ["Python", "Functional experimentation"])
-def test_python_examples_run(title, tmp_path, monkeypatch):
-    """The section's Python blocks, run in order with their step counts cut to a few."""
-    code = "\n".join(re.findall(r"```python\n(.*?)```", section(title), re.S))
+def test_every_relative_link_resolves():
+    checked = 0
+    for path, text in [(ROOT / "README.md", README), *DOCS.items()]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+://", target) or target.startswith("#"):
+                continue
+            file = target.split("#")[0]
+            assert (path.parent / file).exists(), f"{path.name} links to missing {target}"
+            checked += 1
+    assert checked >= 15
+
+
+def test_no_page_cites_a_file_outside_the_repository():
+    for path, text in [(ROOT / "README.md", README), *DOCS.items()]:
+        assert "REFERENCE.md" not in text and "../shared" not in text, path.name
+
+
+def test_every_docs_page_opens_with_what_it_answers():
+    for path, text in DOCS.items():
+        first = text.split("\n\n")[1]
+        assert first.startswith("This page answers"), path.name
+
+
+@pytest.mark.parametrize("where", ["README Python", "docs/functional.md"])
+def test_python_examples_run(where, tmp_path, monkeypatch):
+    """The Python blocks, run in order with their step counts cut to a few."""
+    text = section("Python") if where == "README Python" else DOCS[ROOT / where]
+    code = "\n".join(re.findall(r"```python\n(.*?)```", text, re.S))
     assert code
     code = re.sub(r"\b(200|20)_000\b", "40", code)
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "names.txt").symlink_to(ROOT / "data" / "names.txt")
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, f"README {title}", "exec"), {})
+    exec(compile(code, where, "exec"), {})
