@@ -6,57 +6,40 @@ directories and `checkpoint` keeps their files; `sweep` trains many runs as one 
 lecture; `cli` composes.
 """
 
-from jaxmlp.checkpoint import (
-    Checkpoint,
-    RunSpec,
-    load_checkpoint,
-    load_run,
-    save_checkpoint,
-    save_run,
-)
-from jaxmlp.data import Dataset, Split, Vocab, load_dataset, load_words
-from jaxmlp.diagnostics import diagnose, probe, run_diagnosed
-from jaxmlp.errors import ConfigError, DataError, DivergenceError, JaxmlpError, RunError
-from jaxmlp.evaluate import (
-    calibrate,
-    eval_loss,
-    evaluate_run,
-    sample_names,
-    sample_run,
-    sample_tokens,
-    split_losses,
-)
-from jaxmlp.init import calculate_gain
-from jaxmlp.models import BN_PRESETS, MLP, BatchNorm1d, BNSemantics, DeepMLP
-from jaxmlp.report import summarize
-from jaxmlp.runs import RunPlan, plan_new_run, plan_resumed_run, train_run
-from jaxmlp.stages import DEEP_STAGES, STAGES, Stage, get_stage, make_model
-from jaxmlp.sweep import seed_states, split_losses_many, train_many, unstack_state
-from jaxmlp.train import (
-    Schedule,
-    TrainConfig,
-    TrainState,
-    create_train_state,
-    fit,
-    make_optimizer,
-    make_schedule,
-    run_steps,
-    sample_batches,
-    scale_updates,
-    train_chunk,
-    train_step,
-)
-
+# Names load on first use (PEP 562): a command imports only the modules it needs, and
+# `import jaxmlp` stays as cheap as importing JAX itself.
+_WHERE = {
+    "checkpoint": ["Checkpoint", "RunSpec", "load_checkpoint", "load_run", "save_checkpoint",
+                   "save_run"],
+    "data": ["Dataset", "Split", "Vocab", "load_dataset", "load_words"],
+    "diagnostics": ["diagnose", "probe", "run_diagnosed"],
+    "errors": ["ConfigError", "DataError", "DivergenceError", "JaxmlpError", "RunError"],
+    "evaluate": ["calibrate", "eval_loss", "evaluate_run", "sample_names", "sample_run",
+                 "sample_tokens", "split_losses"],
+    "init": ["calculate_gain"],
+    "models": ["BN_PRESETS", "BNSemantics", "BatchNorm1d", "DeepMLP", "MLP", "probe_point"],
+    "report": ["summarize"],
+    "runs": ["RunPlan", "plan_new_run", "plan_resumed_run", "train_run"],
+    "stages": ["DEEP_STAGES", "STAGES", "Stage", "get_stage", "make_model"],
+    "sweep": ["seed_states", "split_losses_many", "train_many", "unstack_state"],
+    "train": ["Schedule", "TrainConfig", "TrainState", "create_train_state", "fit",
+              "make_optimizer", "make_schedule", "run_steps", "sample_batches", "scale_updates",
+              "train_chunk", "train_step"],
+}
+_MODULE = {name: module for module, names in _WHERE.items() for name in names}
 __version__ = "0.1.0"
-__all__ = [
-    "BN_PRESETS", "DEEP_STAGES", "MLP", "STAGES", "BNSemantics", "BatchNorm1d", "Checkpoint",
-    "ConfigError", "DataError", "Dataset", "DeepMLP", "DivergenceError", "JaxmlpError", "RunError",
-    "RunPlan", "RunSpec", "Schedule", "Split", "Stage", "TrainConfig", "TrainState", "Vocab",
-    "calculate_gain", "calibrate", "create_train_state", "diagnose", "eval_loss", "evaluate_run",
-    "fit", "get_stage", "load_checkpoint", "load_dataset", "load_run", "load_words", "make_model",
-    "make_optimizer", "make_schedule", "plan_new_run", "plan_resumed_run", "probe",
-    "run_diagnosed", "run_steps", "sample_batches", "sample_names", "sample_run", "sample_tokens",
-    "save_checkpoint", "save_run", "scale_updates", "seed_states", "split_losses",
-    "split_losses_many", "summarize", "train_chunk", "train_many", "train_run", "train_step",
-    "unstack_state",
-]
+__all__ = sorted(_MODULE)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE:
+        raise AttributeError(f"module 'jaxmlp' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"jaxmlp.{_MODULE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_MODULE])

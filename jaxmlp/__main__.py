@@ -1,5 +1,3 @@
-import sys
+from jaxmlp.cli import run
 
-from jaxmlp.cli import main
-
-sys.exit(main())
+run()

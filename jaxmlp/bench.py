@@ -85,11 +85,13 @@ def time_single(data, steps: int, stage: str = "batchnorm", repeats: int = 3) ->
     compilation (best of `repeats` runs of `steps` steps) and the compile time."""
     import jax
 
+    from jaxmlp import train
     from jaxmlp.stages import make_model
     from jaxmlp.train import TrainConfig, create_train_state, fit
 
     model = make_model(stage, data.vocab.size, block_size=data.block_size)
     config = TrainConfig(steps=steps, chunk=min(steps, 10_000))
+    train._PROGRAMS.clear()
     best, compile_s = float("inf"), None
     for _ in range(repeats):
         state = create_train_state(jax.random.key(0), model, config)
@@ -103,6 +105,7 @@ def time_sweep(data, k: int, steps: int, stage: str = "batchnorm", repeats: int 
                states=None) -> dict[str, float]:
     """`train_many` of seeds 0..k-1: us per (vmapped) step, per model-step, and compile time.
     `states`: the stacked initial states of at least k seeds (default: drawn here)."""
+    from jaxmlp import sweep
     from jaxmlp.stages import make_model
     from jaxmlp.sweep import seed_states, sweep_chunk, take_runs, train_many
     from jaxmlp.train import TrainConfig
@@ -112,6 +115,7 @@ def time_sweep(data, k: int, steps: int, stage: str = "batchnorm", repeats: int 
     config = TrainConfig(steps=steps, chunk=chunk)
     states = seed_states(range(k), model, config) if states is None else take_runs(states, k)
     best, compile_s, devices = float("inf"), None, None
+    sweep._PROGRAMS.clear()
     for _ in range(repeats):
         r = train_many(states, *data.train, model, config, chunk=chunk)
         best = min(best, r.seconds - r.compile_seconds)

@@ -14,7 +14,7 @@ from jaxmlp.errors import ConfigError, JaxmlpError
 
 MAX_SAMPLES = 100_000
 # With --resume the saved spec decides everything else; these options change no number.
-RESUME_OPTIONS = {"resume", "quiet", "data", "checkpoint_every"}
+RESUME_OPTIONS = {"resume", "quiet", "data", "checkpoint_every", "profile"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -78,9 +78,15 @@ def _given(args, defaults: dict) -> set[str]:
 
 
 def cmd_train(args) -> int:
+    import time
+
+    t0 = time.perf_counter()
     from jaxmlp import runs
     from jaxmlp.stages import get_stage
     from jaxmlp.train import TrainConfig
+
+    imports = (process_seconds() or 0.0) - args.started if args.started else (
+        time.perf_counter() - t0)  # everything since main() started: jax is imported there
 
     if args.resume is not None:  # everything is validated before anything is written
         conflicts = sorted(_given(args, TRAIN_DEFAULTS) - RESUME_OPTIONS)
@@ -113,7 +119,47 @@ def cmd_train(args) -> int:
           f"({m['seconds']:.1f} s"
           + (f", {m['us_per_step']:.1f} us/step)" if m["us_per_step"] else ")"))
     print(f"wrote {plan.out}/ (metrics.json, checkpoint.msgpack, losses.npy, loss.png)")
+    if args.profile:
+        t = {"start-up": args.started, "imports": imports, **plan.timings}
+        print("where the time went (s): " + ", ".join(f"{k} {v:.2f}" for k, v in t.items())
+              + f"; total {process_seconds() or sum(t.values()):.2f}")
     return 0
+
+
+def process_seconds() -> float | None:
+    """Seconds since this process started (Linux), None elsewhere."""
+    import os
+
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def enable_compilation_cache() -> str | None:
+    """JAX's persistent compilation cache for the jaxmlp commands, so that a repeated command
+    compiles nothing it compiled before. It lives in $XDG_CACHE_HOME/jaxmlp/jax (default
+    ~/.cache/jaxmlp/jax); JAXMLP_CACHE_DIR moves it, JAXMLP_CACHE_DIR=off turns it off, and
+    JAX's own JAX_COMPILATION_CACHE_DIR, when set, wins. Returns the directory used."""
+    import os
+
+    import jax
+
+    where = os.environ.get("JAXMLP_CACHE_DIR")
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or (where or "").lower() in ("off", "0"):
+        return os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if not where:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        where = os.path.join(base, "jaxmlp", "jax")
+    jax.config.update("jax_compilation_cache_dir", where)
+    # Every program, however small or quick to compile: a command compiles dozens of them.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return where
 
 
 def _or(value, default):
@@ -323,6 +369,8 @@ def build_parser() -> Parser:
                    f"state every N steps (default {d.chunk:,})")
     t.add_argument("--resume", type=Path, metavar="DIR",
                    help="continue the run in DIR from its last checkpoint, with its own settings")
+    t.add_argument("--profile", action="store_true", help="print where the command's time "
+                   "went (start-up, imports, data, init, compile, train, evaluate, write)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", parents=[_common(data=None)],
@@ -400,17 +448,20 @@ def build_parser() -> Parser:
 # The train options whose default is None (or False): typed on the command line when set.
 TRAIN_DEFAULTS = {"stage", "steps", "batch_size", "lr", "lr_boundaries", "optimizer",
                   "block_size", "n_embd", "n_hidden", "bn_epsilon", "checkpoint_every", "seed",
-                  "data", "out", "force", "torch_stream", "quiet", "resume"}
+                  "data", "out", "force", "torch_stream", "quiet", "resume", "profile"}
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = process_seconds()
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or a usage error already printed as one line
         return e.code
+    args.started = started or 0.0
     name = f"jaxmlp {args.command}"
     try:
+        enable_compilation_cache()
         return args.func(args)
     except JaxmlpError as e:
         print(f"{name}: error: {e}", file=sys.stderr)
@@ -436,5 +487,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run() -> None:
+    """The `jaxmlp` command: `main()`, then exit at once. Tearing down JAX's runtime at exit
+    takes a few tenths of a second and saves nothing: every file is written and flushed."""
+    import os
+
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, ValueError):  # the reader went away, or closed
+            code = code or 141
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

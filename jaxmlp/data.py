@@ -48,6 +48,18 @@ class Vocab:
     def stoi(self) -> dict[str, int]:
         return {c: i for i, c in enumerate(self.chars)}
 
+    @functools.cached_property
+    def charset(self) -> frozenset[str]:
+        """The characters a name may use (not `.`)."""
+        return frozenset(self.chars[1:])
+
+    def encode_text(self, text: str) -> np.ndarray:
+        """Every character of `text` (all in the vocabulary, `.` included) -> (len,) int32."""
+        points = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+        order = np.argsort([ord(c) for c in self.chars])
+        codes = np.asarray([ord(c) for c in self.chars], np.uint32)[order]
+        return order[np.searchsorted(codes, points)].astype(np.int32)
+
     def encode(self, word: str) -> list[int]:
         """'emma' -> [5, 13, 13, 1] (no end token)."""
         stoi = self.stoi
@@ -159,6 +171,9 @@ def _parse(raw: bytes, path: Path) -> list[str]:
                 f"{path.name} line {lineno} is {len(word):,} characters long (names may have at "
                 f"most {MAX_NAME_LENGTH}); is this a file of names, one per line?"
             )
+        if END not in word and word.isprintable() and len(word.split()) == 1:
+            words.append(word)  # the common case, checked in C; the slow path names the culprit
+            continue
         bad = sorted({c for c in word if c == END or c.isspace() or not c.isprintable()})
         if bad:
             raise DataError(
@@ -173,17 +188,27 @@ def _parse(raw: bytes, path: Path) -> list[str]:
 
 
 def build_examples(words: list[str], vocab: Vocab, block_size: int) -> Split:
-    """Every name gives len(name)+1 examples: the `block_size` previous tokens -> next token."""
+    """Every name gives len(name)+1 examples: the `block_size` previous tokens -> next token.
+
+    'emma' with block_size 3: ... -> e, ..e -> m, .em -> m, emm -> a, mma -> . (token 0).
+    """
     _check_block_size(block_size)
-    X, Y = [], []
-    for w in words:
-        context = [0] * block_size
-        for ix in [*vocab.encode(w), 0]:
-            X.append(context)
-            Y.append(ix)
-            context = [*context[1:], ix]
-    X = np.asarray(X, dtype=np.int32).reshape(-1, block_size)
-    return Split(X, np.asarray(Y, dtype=np.int32))
+    for w in words:  # DataError naming the first name the vocabulary cannot encode
+        if not set(w) <= vocab.charset:
+            vocab.encode(w)
+    if not words:
+        return Split(np.zeros((0, block_size), np.int32), np.zeros(0, np.int32))
+    # All names in one token sequence, each preceded by block_size pads and ended by 0; an
+    # example is a window of block_size tokens and the token after it, for every position that
+    # is not a pad.
+    pad = END * block_size
+    seq = vocab.encode_text(pad + pad.join(f"{w}{END}" for w in words))  # (L,)
+    is_pad = np.zeros(len(seq), bool)
+    starts = np.cumsum([0] + [len(w) + 1 + block_size for w in words[:-1]])
+    is_pad[(starts[:, None] + np.arange(block_size)).ravel()] = True
+    targets = np.flatnonzero(~is_pad)  # positions of the next tokens, each >= block_size
+    X = np.lib.stride_tricks.sliding_window_view(seq, block_size)[targets - block_size]
+    return Split(np.ascontiguousarray(X, dtype=np.int32), seq[targets].astype(np.int32))
 
 
 def split_words(words: list[str], seed: int = 42) -> tuple[list[str], list[str], list[str]]:

@@ -21,24 +21,62 @@ def eval_loss(variables, X: jax.Array, Y: jax.Array, model: nn.Module,
     """Eval-mode (running batch-norm statistics) mean loss of X (N, T), Y (N,).
 
     Evaluated in compiled batches of `batch_size` examples (default: as many as fit
-    `limits.EVAL_BYTES` of activations, all of them for the lecture's models), so that any
+    `limits.eval_bytes()` of activations, all of them for the lecture's models), so that any
     model that trains also evaluates.
     """
+    batch_size = limits.eval_batch_size(model, X.shape[0]) if batch_size is None else batch_size
+    return _eval_splits(variables, ((X, Y),), model=model, batch_sizes=(batch_size,))[0]
+
+
+def split_losses(model: nn.Module, variables, data: Dataset,
+                 splits=("train", "val", "test")) -> dict[str, float]:
+    """{'train': ..., 'val': ..., 'test': ...}: the lecture's `split_loss` for each split,
+    all in one compiled program."""
+    arrays = tuple(tuple(map(jnp.asarray, data.split(s))) for s in splits)
+    sizes = tuple(limits.eval_batch_size(model, len(Y)) for _, Y in arrays)
+    losses = jax.device_get(_eval_splits(variables, arrays, model=model, batch_sizes=sizes))
+    return {s: float(loss) for s, loss in zip(splits, losses, strict=True)}
+
+
+def final_losses(model: nn.Module, variables, data: Dataset) -> dict:
+    """A trained run's metrics: {'train', 'val', 'test'} with the running statistics, and for
+    batch norm 'calibrated': the same with statistics over the whole training split (None when
+    that pass does not fit `limits.eval_bytes()`). One compiled program: the passes share the
+    layers before the batch norm (XLA computes them once)."""
+    splits = ("train", "val", "test")
+    arrays = tuple(tuple(map(jnp.asarray, data.split(s))) for s in splits)
+    sizes = tuple(limits.eval_batch_size(model, len(Y)) for _, Y in arrays)
+    both = bool(variables.get("batch_stats")) and sizes[0] >= len(data.train.Y)
+    losses = jax.device_get(_eval_final(variables, arrays, model=model, batch_sizes=sizes,
+                                        calibrated=both))
+    out = {s: float(v) for s, v in zip(splits, losses[0], strict=True)}
+    if variables.get("batch_stats"):
+        out["calibrated"] = ({s: float(v) for s, v in zip(splits, losses[1], strict=True)}
+                             if both else None)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("model", "batch_sizes", "calibrated"))
+def _eval_final(variables, arrays, model: nn.Module, batch_sizes: tuple[int, ...],
+                calibrated: bool):
+    running = _eval_splits(variables, arrays, model=model, batch_sizes=batch_sizes)
+    if not calibrated:
+        return running, ()
+    full = _calibrate(variables, arrays[0][0], model=model)
+    return running, _eval_splits(full, arrays, model=model, batch_sizes=batch_sizes)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "batch_sizes"))
+def _eval_splits(variables, arrays, model: nn.Module, batch_sizes: tuple[int, ...]):
+    return tuple(_mean_loss(variables, X, Y, model, b)
+                 for (X, Y), b in zip(arrays, batch_sizes, strict=True))
+
+
+def _mean_loss(variables, X, Y, model: nn.Module, batch_size: int) -> jax.Array:
+    """Mean loss of X (N, T), Y (N,): at once, or in batches of `batch_size` (traced)."""
     n = X.shape[0]
-    batch_size = limits.eval_batch_size(model, n) if batch_size is None else batch_size
     if batch_size >= n:
-        return _eval_whole(variables, X, Y, model=model)
-    return _eval_batched(variables, X, Y, model=model, batch_size=batch_size)
-
-
-@functools.partial(jax.jit, static_argnames="model")
-def _eval_whole(variables, X, Y, model: nn.Module):
-    return cross_entropy(model.apply(variables, X, train=False), Y)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "batch_size"))
-def _eval_batched(variables, X, Y, model: nn.Module, batch_size: int):
-    n = X.shape[0]
+        return cross_entropy(model.apply(variables, X, train=False), Y)
     nb = -(-n // batch_size)
     pad = nb * batch_size - n
     Xb = jnp.pad(X, ((0, pad), (0, 0))).reshape(nb, batch_size, -1)
@@ -55,25 +93,18 @@ def _eval_batched(variables, X, Y, model: nn.Module, batch_size: int):
     return total / n
 
 
-def split_losses(model: nn.Module, variables, data: Dataset,
-                 splits=("train", "val", "test")) -> dict[str, float]:
-    """{'train': ..., 'val': ..., 'test': ...}: the lecture's `split_loss` for each split."""
-    return {s: float(eval_loss(variables, *map(jnp.asarray, data.split(s)), model=model))
-            for s in splits}
-
-
 def calibrate(variables, X: jax.Array, model: nn.Module):
     """The lecture's alternative to running statistics: batch-norm mean/std over all of X.
 
     One training-mode pass over the whole set with momentum 1, so that every running
     statistic becomes exactly the full-set statistic. Returns variables with new batch_stats.
-    ConfigError when the pass would not fit `limits.EVAL_BYTES`.
+    ConfigError when the pass would not fit `limits.eval_bytes()`.
     """
     if not variables.get("batch_stats"):
         return variables
     if limits.eval_batch_size(model, X.shape[0]) < X.shape[0]:
         raise ConfigError(f"calibrating batch norm on {X.shape[0]:,} examples at once would "
-                          f"need more than {limits.EVAL_BYTES >> 20:,} MiB of activations; use "
+                          f"need more than {limits.eval_bytes() >> 20:,} MiB of activations; use "
                           "the running statistics (eval without --calibrate)")
     return _calibrate(variables, X, model=model)
 
@@ -158,7 +189,7 @@ def sample_run(run, num: int = 20, seed: int = 0, log=_stderr) -> list[str]:
     ck = load_checkpoint(run)
     spec = ck.spec
     need = num * limits.activation_floats(spec.model) * 4
-    if need > limits.EVAL_BYTES:
+    if need > limits.eval_bytes():
         raise ConfigError(f"sampling {num:,} names at once from this model needs about "
                           f"{need / 2**30:.1f} GiB; ask for fewer with -n")
     names = sample_names(spec.model, ck.state.variables, spec.vocab, jax.random.key(seed),

@@ -31,8 +31,7 @@ import numpy as np
 matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt
 
-from jaxmlp.checkpoint import write_atomic
-from jaxmlp.diagnostics import ordered
+# No JAX here: `serve_loss_plots` runs in a bare Python process (numpy and matplotlib only).
 
 
 def bucket_log10(losses: np.ndarray, bucket: int = 1000) -> np.ndarray:
@@ -48,20 +47,53 @@ def bucket_log10(losses: np.ndarray, bucket: int = 1000) -> np.ndarray:
     return np.asarray(out)
 
 
+def figure_bytes(fig, fmt: str = "png") -> bytes:
+    """The figure's file contents; closes it."""
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, bbox_inches="tight", format=fmt)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def save_figure(fig, path: str | Path) -> Path:
     """Write the figure atomically (`checkpoint.write_atomic`), so an earlier one is never
     half-replaced, and close it."""
+    from jaxmlp.checkpoint import write_atomic
+
     path = Path(path)
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=110, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
-    plt.close(fig)
-    write_atomic(path, buf.getvalue())
+    write_atomic(path, figure_bytes(fig, path.suffix.lstrip(".") or "png"))
     return path
 
 
 def plot_loss(losses: np.ndarray, path: str | Path, title: str = "training loss",
               bucket: int = 1000) -> Path:
     """log10 minibatch loss averaged over `bucket`-step buckets, as in the lecture."""
+    from jaxmlp.checkpoint import write_atomic
+
+    write_atomic(path, loss_png(losses, title, bucket))
+    return Path(path)
+
+
+def serve_loss_plots() -> None:
+    """Answer loss-curve requests on stdin with PNG bytes on stdout, for `runs.LossPlotter`.
+
+    Request: a line of JSON {"title", "bucket", "n"} then n bytes of `np.save` output; answer:
+    a line with the PNG's length, then the PNG.
+    """
+    import json
+    import sys
+
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    for line in stdin:
+        request = json.loads(line)
+        losses = np.load(io.BytesIO(stdin.read(request["n"])))
+        png = loss_png(losses, request["title"], request["bucket"])
+        stdout.write(f"{len(png)}\n".encode() + png)
+        stdout.flush()
+
+
+def loss_png(losses: np.ndarray, title: str = "training loss", bucket: int = 1000) -> bytes:
+    """The loss-curve figure of `plot_loss` as PNG bytes."""
     curve = bucket_log10(losses, bucket)
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(np.arange(len(curve)) * bucket, curve, label=f"mean over {bucket} steps")
@@ -70,7 +102,7 @@ def plot_loss(losses: np.ndarray, path: str | Path, title: str = "training loss"
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    return save_figure(fig, path)
+    return figure_bytes(fig)
 
 
 def layer_label(name: str) -> str:
@@ -95,6 +127,14 @@ def _finish(ax, title: str, xlabel: str, ylabel: str, legend: bool = True,
         ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     elif legend:
         ax.legend(fontsize="small")
+
+
+def ordered(d: dict) -> list:
+    """`diagnostics.ordered`: the items in layer order (imported when used: JAX stays out of
+    the plot server)."""
+    from jaxmlp.diagnostics import ordered
+
+    return ordered(d)
 
 
 def _density_lines(ax, stats: dict, label) -> None:

@@ -97,11 +97,21 @@ def _resolve_gain(gain: float | None, nonlinearity: str, a: float | None) -> flo
     return calculate_gain(nonlinearity, a) if gain is None else gain
 
 
+def scaled_draw(draw: jax.Array, scale: float) -> jax.Array:
+    """`draw * scale`, rounded as op-by-op (eager) code rounds it, also inside one `jit`.
+
+    Compiled together, XLA would fold the scale into the draw's own last multiply (normal
+    draws end with `sqrt(2) * erfinv(u)`), which rounds differently in the last bit: the
+    barrier keeps a compiled initialisation equal to the eager one, bit for bit.
+    """
+    return jax.lax.optimization_barrier(draw) * jnp.asarray(scale, draw.dtype)
+
+
 def normal(std: float = 1.0) -> Initializer:
     """N(0, std^2): N(0, 1) draws times `std`, as the lecture's `torch.randn(shape) * std`."""
 
     def init(key, shape, dtype=jnp.float32):
-        return jax.random.normal(key, shape, dtype) * jnp.asarray(std, dtype)
+        return scaled_draw(jax.random.normal(key, shape, dtype), std)
 
     return init
 
@@ -130,7 +140,7 @@ def kaiming_normal(a: float = 0, mode: str = "fan_in", nonlinearity: str = "leak
 
     def init(key, shape, dtype=jnp.float32):
         std = g / math.sqrt(_fan(shape, mode, in_axis, out_axis))
-        return jax.random.normal(key, shape, dtype) * jnp.asarray(std, dtype)
+        return scaled_draw(jax.random.normal(key, shape, dtype), std)
 
     return init
 
@@ -160,7 +170,7 @@ def xavier_normal(gain: float = 1.0, *, in_axis: int = -2, out_axis: int = -1) -
 
     def init(key, shape, dtype=jnp.float32):
         std = _xavier_std(shape, gain, in_axis, out_axis)
-        return jax.random.normal(key, shape, dtype) * jnp.asarray(std, dtype)
+        return scaled_draw(jax.random.normal(key, shape, dtype), std)
 
     return init
 

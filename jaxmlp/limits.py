@@ -28,9 +28,7 @@ MAX_STEPS = 2**31 - 1  # TrainState.step is int32
 MAX_SEED = 2**32 - 1  # jax.random.key keeps 32 bits of a seed: larger ones repeat smaller ones
 MAX_PARAMS = 1 << 28  # 1 GiB of float32 parameters, before gradients and optimizer state
 F32_MAX, F32_TINY = float(np.finfo(np.float32).max), float(np.finfo(np.float32).tiny)
-# Activations of one compiled evaluation batch, and the chunk's gathered minibatches: large
-# enough that the lecture's models evaluate each split in one batch and gather a chunk at once.
-EVAL_BYTES = 1 << 30
+# A chunk's gathered minibatches at most; beyond, the steps gather their own (the same indices).
 GATHER_BYTES = 64 << 20
 
 
@@ -56,35 +54,47 @@ def check_learning_rates(rates) -> None:
                               f"{F32_TINY:.3g}: smaller rates train nothing); use a larger --lr")
 
 
-@functools.cache
 def count_params(model: nn.Module) -> int:
     """The number of parameters `model` has (traced, nothing computed)."""
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), example_tokens(model, 1)))
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes.get("params", {})))
+    return _sizes(model)[0]
 
 
-def example_tokens(model: nn.Module, n: int) -> jax.ShapeDtypeStruct | jax.Array:
+def example_tokens(model: nn.Module, n: int) -> jax.Array:
     return jnp.zeros((n, model.block_size), jnp.int32)
 
 
-@functools.cache
 def activation_floats(model: nn.Module) -> int:
     """Floats one example leaves in memory on its way through the model: twice the outputs of
     every submodule (an activation function's output beside each layer's)."""
+    return _sizes(model)[1]
+
+
+@functools.cache
+def _sizes(model: nn.Module) -> tuple[int, int]:
+    """(parameters, activation floats per example), from one abstract init and apply."""
     def forward():
         variables = model.init(jax.random.key(0), example_tokens(model, 2))
         _, state = model.apply(variables, example_tokens(model, 2), train=False,
                                capture_intermediates=True, mutable=["intermediates"])
-        return state["intermediates"]
+        return variables.get("params", {}), state["intermediates"]
 
-    leaves = jax.tree.leaves(jax.eval_shape(forward))
-    return 2 * sum(math.prod(x.shape[1:]) for x in leaves if x.ndim >= 1)
+    params, inter = jax.eval_shape(forward)
+    return (sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
+            2 * sum(math.prod(x.shape[1:]) for x in jax.tree.leaves(inter) if x.ndim >= 1))
+
+
+@functools.cache
+def eval_bytes() -> int:
+    """Activations one compiled evaluation batch may hold: an eighth of the device's memory,
+    from 256 MiB to 4 GiB; enough for the lecture's models to evaluate a split at once."""
+    memory = device_memory() or 8 << 30
+    return int(min(4 << 30, max(256 << 20, memory // 8)))
 
 
 def eval_batch_size(model: nn.Module, n: int, per_example: int | None = None) -> int:
-    """Examples per evaluation batch: all n when they fit EVAL_BYTES (the lecture's models)."""
+    """Examples per evaluation batch: all n when they fit `eval_bytes()`."""
     per_example = per_example or activation_floats(model)
-    return int(max(1, min(n, EVAL_BYTES // (4 * per_example))))
+    return int(max(1, min(n, eval_bytes() // (4 * per_example))))
 
 
 def memory_needed(model: nn.Module, *, batch_size: int, chunk: int, n_examples: int,
@@ -110,7 +120,8 @@ def memory_needed(model: nn.Module, *, batch_size: int, chunk: int, n_examples: 
 
 
 def device_memory(device: jax.Device | None = None) -> int | None:
-    """Bytes of memory the device offers: an accelerator's own limit, a CPU's the host's RAM."""
+    """Bytes of memory the device offers: an accelerator's own limit; for a CPU the host's RAM,
+    or the container's limit where that is lower."""
     device = device or jax.devices()[0]
     try:
         stats = device.memory_stats() or {}
@@ -119,9 +130,28 @@ def device_memory(device: jax.Device | None = None) -> int | None:
     if stats.get("bytes_limit"):
         return int(stats["bytes_limit"])
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return None
+    return min(physical, container_memory() or physical)
+
+
+# A container's memory limit: the host's RAM is what sysconf reports, not what the kernel allows
+# this process before it kills it.
+CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def container_memory(paths=CGROUP_LIMITS) -> int | None:
+    """The cgroup (v2, then v1) memory limit in bytes, or None where there is none."""
+    for path in paths:
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:  # "max", or v1's "unlimited" 2**63 - 4096
+            return int(text)
+    return None
 
 
 def check_memory(parts: dict[str, int], limit: int | None = None, fraction: float = 0.9,

@@ -25,6 +25,9 @@ import io
 import json
 import os
 import platform
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,7 +37,7 @@ import numpy as np
 from jaxmlp import checkpoint as ckpt
 from jaxmlp import rundir
 from jaxmlp.data import DEFAULT_DATA, Dataset, load_dataset
-from jaxmlp.errors import ConfigError, DataError, DivergenceError, RunError
+from jaxmlp.errors import DataError, DivergenceError, RunError
 from jaxmlp.limits import check_seed
 from jaxmlp.train import TrainConfig, TrainState
 
@@ -61,10 +64,81 @@ class RunPlan:
     batch_ix: np.ndarray | None = None
     resumed: bool = False
     checkpoint_stamp: tuple | None = None  # (size, mtime) of the checkpoint resumed from
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds per phase
 
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during `train_run`; the message says where the last checkpoint is."""
+
+
+class Clock:
+    """Seconds per phase of a command, for `jaxmlp train --profile` (docs/speed.md)."""
+
+    def __init__(self, laps: dict[str, float] | None = None):
+        self.laps = {} if laps is None else laps
+        self._t = time.perf_counter()
+
+    def lap(self, name: str, wait=None) -> None:
+        if wait is not None:  # JAX dispatches asynchronously: count the work, not the call
+            import jax
+
+            jax.block_until_ready(wait)
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self._t
+        self._t = now
+
+    def restart(self) -> None:
+        self._t = time.perf_counter()
+
+
+class LossPlotter:
+    """Draws the loss curve in another Python process (numpy and matplotlib, no JAX), which
+    imports matplotlib while this one compiles and trains: on two or more cores the figure
+    costs the command almost nothing (docs/speed.md). If that process cannot be used, the
+    figure is drawn here."""
+
+    def __init__(self):
+        root = str(Path(__file__).resolve().parent.parent)  # the same jaxmlp in the child
+        code = (f"import sys; sys.path.insert(0, {root!r}); "
+                "from jaxmlp.figures import serve_loss_plots; serve_loss_plots()")
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        except OSError:
+            self.proc = None
+
+    def request(self, losses: np.ndarray, title: str, bucket: int = 1000) -> None:
+        """Start drawing (returns at once); `png()` collects the figure."""
+        self.args = (losses, title, bucket)
+        try:
+            blob = _npy_bytes(losses)
+            self.proc.stdin.write(json.dumps({"title": title, "bucket": bucket,
+                                              "n": len(blob)}).encode() + b"\n" + blob)
+            self.proc.stdin.flush()
+        except (AttributeError, OSError):
+            self.close()
+
+    def png(self) -> bytes:
+        if self.proc is not None:
+            try:
+                n = int(self.proc.stdout.readline())
+                png = self.proc.stdout.read(n)
+                if len(png) == n:
+                    return png
+            except (OSError, ValueError):
+                pass
+            self.close()
+        from jaxmlp.figures import loss_png
+
+        return loss_png(*self.args)
+
+    def close(self) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
 
 
 def default_out(stage: str, seed: int, torch_stream: bool = False) -> Path:
@@ -115,7 +189,9 @@ def plan_new_run(stage: str = "batchnorm", *, seed: int = 0, config: TrainConfig
         import_torch()  # fail before anything else when torch is missing
     out = Path(out) if out is not None else default_out(stage, seed, torch_stream)
     holding = rundir.check_out_dir(out, force)
+    clock = Clock()
     dataset = load_dataset(data, block_size=block_size)
+    clock.lap("data")
     model = make_model(stage, dataset.vocab.size, block_size=block_size, n_embd=n_embd,
                        n_hidden=n_hidden, **model_fields)
     config.check_fits(model, len(dataset.train.Y), _n_examples(dataset), stream=torch_stream)
@@ -123,11 +199,13 @@ def plan_new_run(stage: str = "batchnorm", *, seed: int = 0, config: TrainConfig
                         torch_stream=torch_stream)
     state, batch_ix = start_state(model, config, seed=seed, torch_stream=torch_stream,
                                   n_train=len(dataset.train.X))
+    clock.lap("init", wait=state)
     replacing, real = holding.kind == "run", rundir.real_path(out)
     return RunPlan(spec=spec, data=dataset, state=state, losses=np.zeros(0, np.float32),
                    out=out, workdir=rundir.staging_dir(out) if replacing else real,
                    replaces=str(real) if replacing else "",
-                   replaces_fingerprint=holding.fingerprint, batch_ix=batch_ix)
+                   replaces_fingerprint=holding.fingerprint, batch_ix=batch_ix,
+                   timings=clock.laps)
 
 
 def _n_examples(data: Dataset) -> int:
@@ -256,7 +334,8 @@ def train_run(plan: RunPlan, *, progress: bool = True,
         rundir.replace_run(plan.workdir, Path(plan.replaces), plan.replaces_fingerprint)
         return metrics
 
-    with _claimed(plan) as workdir:
+    clock = Clock(plan.timings)
+    with _claimed(plan) as workdir, contextlib.closing(LossPlotter()) as plotter:
         def save(state, losses):
             nonlocal saved_step
             ckpt.save_checkpoint(workdir, spec, state, losses, data.sha256, plan.replaces,
@@ -291,26 +370,48 @@ def train_run(plan: RunPlan, *, progress: bool = True,
         except KeyboardInterrupt:
             raise Interrupted(f"the last checkpoint (step {saved_step or 0:,}) is in {workdir}: "
                               f"continue with `jaxmlp train --resume {workdir}`") from None
+        plan.timings["compile"] = result.compile_seconds
+        plan.timings["train"] = result.seconds - result.compile_seconds  # and checkpoints
+        clock.restart()
         losses = np.concatenate([prior, result.losses])
-        metrics = _finish(plan, workdir, result, losses, n_params, start)
+        metrics = _finish(plan, workdir, result, losses, n_params, start, clock, plotter)
     if plan.replaces:
         rundir.replace_run(workdir, Path(plan.replaces), plan.replaces_fingerprint)
     return metrics
 
 
 def _finish(plan: RunPlan, workdir: Path, result, losses: np.ndarray, n_params: int,
-            start: int) -> dict[str, Any]:
+            start: int, clock: Clock, plotter: LossPlotter) -> dict[str, Any]:
     """Evaluate the trained run and write its results; metrics.json last."""
+    spec = plan.spec
+    plotter.request(losses, f"{spec.stage}, seed {spec.seed}")  # drawn during the evaluation
+    metrics = _evaluate(plan, result, losses, n_params, start)
+    clock.lap("evaluate")
+    try:
+        ckpt.write_atomic(workdir / ckpt.LOSSES_FILE, _npy_bytes(losses))
+        ckpt.write_atomic(workdir / ckpt.PLOT_FILE, plotter.png())
+        ckpt.write_json(workdir / ckpt.METRICS_FILE, metrics)  # last: marks it finished
+    except OSError as e:
+        raise RunError(f"cannot write the results in {str(workdir)!r} ({e.strerror or e}); "
+                       f"the final checkpoint is saved: free space, then `jaxmlp train "
+                       f"--resume {workdir}`") from None
+    clock.lap("write")
+    return metrics
+
+
+def _evaluate(plan: RunPlan, result, losses: np.ndarray, n_params: int,
+              start: int) -> dict[str, Any]:
+    """The metrics of a trained run: split losses (calibrated ones too, for batch norm),
+    timings, the loss every 10,000 steps, and where it was measured."""
     import jax
 
-    from jaxmlp.evaluate import calibrate, split_losses
-    from jaxmlp.figures import plot_loss
+    from jaxmlp.evaluate import final_losses
     from jaxmlp.train import lower_lr_hint
 
-    spec, data = plan.spec, plan.data
+    spec = plan.spec
     model, config = spec.model, spec.train
-    variables = result.state.variables
-    split = split_losses(model, variables, data)
+    split = final_losses(model, result.state.variables, plan.data)
+    calibrated = split.pop("calibrated", False)
     bad = [k for k, v in split.items() if not np.isfinite(v)]
     if bad:  # finite but enormous weights: the training loss hid the divergence
         raise DivergenceError(
@@ -329,20 +430,8 @@ def _finish(plan: RunPlan, workdir: Path, result, losses: np.ndarray, n_params: 
     }
     if start:
         metrics["resumed_from_step"] = start
-    if getattr(model, "batchnorm", False):
-        try:
-            metrics["calibrated"] = split_losses(
-                model, calibrate(variables, data.train.X, model=model), data)
-        except ConfigError:
-            metrics["calibrated"] = None  # too large to calibrate at once; running stats only
-    try:
-        ckpt.write_atomic(workdir / ckpt.LOSSES_FILE, _npy_bytes(losses))
-        plot_loss(losses, workdir / ckpt.PLOT_FILE, title=f"{spec.stage}, seed {spec.seed}")
-        ckpt.write_json(workdir / ckpt.METRICS_FILE, metrics)  # last: marks it finished
-    except OSError as e:
-        raise RunError(f"cannot write the results in {str(workdir)!r} ({e.strerror or e}); "
-                       f"the final checkpoint is saved: free space, then `jaxmlp train "
-                       f"--resume {workdir}`") from None
+    if calibrated is not False:  # batch norm: None when too large to calibrate at once
+        metrics["calibrated"] = calibrated
     return metrics
 
 

@@ -147,7 +147,19 @@ def scale_updates(tx: optax.GradientTransformation,
 
 
 def create_train_state(key: jax.Array, model: nn.Module, config: TrainConfig) -> TrainState:
-    """Draw the initial variables from `key` and start the optimizer."""
+    """Draw the initial variables from `key` and start the optimizer.
+
+    One compiled program (a Flax `init` run op by op compiles dozens of small ones), equal bit
+    for bit to the op-by-op draws (`init.scaled_draw`).
+    """
+    try:
+        hash(model)
+    except TypeError:  # fields traced by an enclosing vmap (a sweep over init scales): that
+        return _init_state(key, model, config)  # transformation compiles it already
+    return _create_train_state(key, model=model, config=config)
+
+
+def _init_state(key: jax.Array, model: nn.Module, config: TrainConfig) -> TrainState:
     init_key, data_key = jax.random.split(key)
     variables = model.init(init_key, limits.example_tokens(model, 2), train=False)
     params = variables["params"]
@@ -158,6 +170,9 @@ def create_train_state(key: jax.Array, model: nn.Module, config: TrainConfig) ->
         opt_state=make_optimizer(config).init(params),
         key=data_key,
     )
+
+
+_create_train_state = jax.jit(_init_state, static_argnames=("model", "config"))
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -271,24 +286,35 @@ def _supported_cpu_options() -> dict:
 
 
 class Compiled:
-    """Programs compiled ahead of time, once per key, with the seconds spent compiling.
+    """Programs compiled ahead of time, once per key (the `capacity` most recently used kept),
+    with the seconds spent compiling.
 
     Ahead of time (not on first call, as `jax.jit` would) so that a run can report its
     compile time apart from its run time; the key must say everything the program depends on
     (`program_key`).
     """
 
-    def __init__(self):
+    def __init__(self, capacity: int = 32):
         self.seconds = 0.0
+        self.capacity = capacity  # a notebook trying many shapes must not grow without bound
         self._programs: dict[Any, Any] = {}
 
     def __call__(self, key, lower: Callable[[], Any], platform: str | None = None):
-        if key not in self._programs:
+        if key in self._programs:
+            self._programs[key] = self._programs.pop(key)  # most recently used last
+        else:
             t0 = time.perf_counter()
-            self._programs[key] = lower().compile(
+            program = lower().compile(
                 compiler_options=compiler_options(platform) if platform else None)
             self.seconds += time.perf_counter() - t0
+            while len(self._programs) >= self.capacity:
+                del self._programs[next(iter(self._programs))]
+            self._programs[key] = program
         return self._programs[key]
+
+    def clear(self) -> None:
+        """Forget every program (a benchmark's compile time must not be a cache hit)."""
+        self._programs.clear()
 
 
 def program_key(*static, arrays=()) -> tuple:
@@ -312,10 +338,20 @@ def chunks(start: int, steps: int, chunk: int) -> Iterator[tuple[int, int]]:
 
 
 def progress_bar(config: TrainConfig, start: int, enabled: bool):
+    """A tqdm bar from `start` to `config.steps`, or one that does nothing (not imported)."""
+    if not enabled:
+        return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=config.steps, initial=start, disable=not enabled, unit="step",
-                mininterval=0.5, leave=False)
+    return tqdm(total=config.steps, initial=start, unit="step", mininterval=0.5, leave=False)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 @dataclass

@@ -1,6 +1,30 @@
+import os
+import tempfile
+
 import pytest
 
+# The jaxmlp commands keep a persistent compilation cache (~/.cache/jaxmlp): the tests keep
+# theirs apart, one per session.
+os.environ.setdefault("JAXMLP_CACHE_DIR", tempfile.mkdtemp(prefix="jaxmlp-test-cache-"))
+
 from jaxmlp.data import load_dataset
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _forget_programs_between_modules():
+    """One process runs every test: drop the compiled programs each module leaves behind, so
+    the suite's memory stays that of one module, not the sum of all (CI machines have less)."""
+    yield
+    import gc
+
+    import jax
+
+    from jaxmlp import sweep, train
+
+    train._PROGRAMS.clear()
+    sweep._PROGRAMS.clear()
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

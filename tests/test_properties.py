@@ -9,7 +9,7 @@ import string
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from jaxmlp.cli import main
@@ -87,7 +87,12 @@ def invocations(draw):
     return argv, out, data
 
 
+# The same 30 invocations on every machine (CI's failures reproduce); set
+# JAXMLP_PROPERTY_EXAMPLES=300 to explore new ones at random.
 @settings(max_examples=int(os.environ.get("JAXMLP_PROPERTY_EXAMPLES", 30)), deadline=None,
+          derandomize="JAXMLP_PROPERTY_EXAMPLES" not in os.environ,
+          # No shrinking: every shrink step trains, and the example as drawn says enough.
+          phases=[Phase.explicit, Phase.reuse, Phase.generate],
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(invocation=invocations())
 def test_any_invocation_exits_0_or_2_and_touches_only_its_output(invocation, workspace, capsys,
