@@ -242,7 +242,7 @@ def cmd_sweep(args) -> int:
     import os
     import time
 
-    from jaxmlp import devices, sweep
+    from jaxmlp import devices, limits, sweep
     from jaxmlp.report import check_report_dir, sweep_markdown, write_sweep
     from jaxmlp.stages import STAGES
 
@@ -261,6 +261,7 @@ def cmd_sweep(args) -> int:
     if args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
         raise ConfigError(f"--process-id must be in 0 .. {args.num_processes - 1}, got "
                           f"{args.process_id}")
+    limits.check_runs(args.seeds, len(stages))
     out = Path(args.out)
     check_report_dir(out, args.force)
     # Before JAX starts: on a CPU host, one XLA device per core (each trains a share of runs).
