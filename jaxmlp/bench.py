@@ -6,6 +6,8 @@
     time_sweep            `sweep.train_many` of K seeds: us per step and per model-step
     time_full             timed from outside: wall time of a full `jaxmlp train` minus that of a
                           tenth of it, per step, and the same for the PyTorch loop
+    time_end_to_end       Enter to prompt: `jaxmlp train` (cold and warm compilation cache)
+                          against the PyTorch lecture script and against importing JAX
     run_bench             all of them -> a dict (bench.json) and a printed table
 
 `jaxmlp bench` and experiments/benchmark.py call `run_bench`. Timings on a shared machine are
@@ -181,13 +183,75 @@ def time_full(long_steps: int | None = None, short_steps: int | None = None,
 
 
 # ---------------------------------------------------------------------------------------------
+# End to end: what a user waits for, from Enter to prompt, each command in a fresh process
+
+IMPORTS = [sys.executable, "-c", "import jax, flax, optax"]
+
+
+def time_end_to_end(long_steps: int = 200_000, short_steps: int = 2_000, torch_threads: int = 1,
+                    data_path: str | None = None, repeats: int = 1, log=None) -> dict[str, Any]:
+    """Wall seconds of `jaxmlp train --steps N` for N = long and short steps, with a cold
+    compilation cache (a new, empty one) and a warm one (the same command again), against the
+    PyTorch lecture script (`python -m jaxmlp.lecture_torch`: its data preparation, loop and
+    final evaluation) and against `python -c "import jax, flax, optax"`; best of `repeats`.
+    """
+    say = log or (lambda *_: None)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    data = ["--data", data_path] if data_path else []
+    out: dict[str, Any] = {"ran": True, "long_steps": long_steps, "short_steps": short_steps,
+                           "repeats": repeats}
+
+    def best(cmd):
+        return min(_wall(cmd, env) for _ in range(repeats))
+
+    say("end to end: python -c 'import jax, flax, optax' ...")
+    out["import_seconds"] = best(IMPORTS)
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in (short_steps, long_steps):
+            cmd = [sys.executable, "-m", "jaxmlp", "train", "--stage", "batchnorm", "--steps",
+                   str(n), "--out", f"{tmp}/run", "--force", "--quiet", *data]
+            say(f"end to end: jaxmlp train --steps {n:,}, cold then warm cache ...")
+            cold, warm = [], []
+            for _ in range(repeats):
+                cache = tempfile.mkdtemp(dir=tmp)
+                e = {**env, "JAXMLP_CACHE_DIR": cache}
+                cold.append(_wall(cmd, e))
+                warm.append(_wall(cmd, e))
+            out[f"jax_{n}"] = {"cold_seconds": min(cold), "warm_seconds": min(warm)}
+    ok, reason = torch_available()
+    out["torch_reason"] = reason
+    for n in (short_steps, long_steps):
+        if ok:
+            say(f"end to end: the PyTorch lecture script, {n:,} steps ...")
+            cmd = [sys.executable, "-m", "jaxmlp.lecture_torch", "--steps", str(n),
+                   "--threads", str(torch_threads), *data]
+            out[f"torch_{n}"] = {"seconds": best(cmd)}
+        else:
+            out[f"torch_{n}"] = {"seconds": None}
+    long_, short = out[f"jax_{long_steps}"], out[f"jax_{short_steps}"]
+    torch_long = out[f"torch_{long_steps}"]["seconds"]
+    out["ratios"] = {
+        "torch_over_jax_long_warm": torch_long / long_["warm_seconds"] if ok else None,
+        "torch_over_jax_long_cold": torch_long / long_["cold_seconds"] if ok else None,
+        "jax_short_warm_over_imports": short["warm_seconds"] / out["import_seconds"],
+        "jax_short_cold_over_imports": short["cold_seconds"] / out["import_seconds"],
+    }
+    out["torch_threads"] = torch_threads if ok else None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Everything
 
 
 def run_bench(steps: int = 10_000, torch_steps: int | None = None, sweep_steps: int | None = None,
               ks=SWEEP_KS, full: bool = False, data_path: str | None = None,
-              repeats: int = 3, log=print) -> dict[str, Any]:
-    """Measure everything in this process (and, with `full`, the outside timings) -> dict."""
+              repeats: int = 3, e2e_steps: tuple[int, int] | None = None,
+              log=print) -> dict[str, Any]:
+    """Measure everything in this process (and, with `full`, the outside timings; with
+    `e2e_steps` (long, short), the end-to-end ones: `time_end_to_end`) -> dict."""
     import jax
 
     from jaxmlp.data import DEFAULT_DATA, load_dataset
@@ -254,6 +318,11 @@ def run_bench(steps: int = 10_000, torch_steps: int | None = None, sweep_steps: 
                           "jax_wall_seconds": None, "jax_us_per_step": None,
                           "torch_wall_seconds": None, "torch_us_per_step": None,
                           "torch_threads": None, "torch_over_jax": None, "torch_reason": None}
+    if e2e_steps:
+        result["e2e"] = time_end_to_end(*e2e_steps, data_path=data_path, log=say)
+    else:
+        result["e2e"] = {"ran": False, "reason": "pass --e2e to time jaxmlp train and the "
+                         "PyTorch lecture script end to end in fresh processes (minutes)"}
     return result
 
 
@@ -286,6 +355,26 @@ def format_table(r: dict[str, Any]) -> str:
                      f"{_f(full['jax_us_per_step'])} us/step, PyTorch "
                      f"{_f(full['torch_us_per_step'])} us/step"
                      + (f" ({full['torch_over_jax']:.1f}x)" if full["torch_over_jax"] else ""))
+    e2e = r.get("e2e", {})
+    if e2e.get("ran"):
+        lines += ["", "end to end (fresh processes, wall seconds):",
+                  "| command | cold cache | warm cache |", "|---|---|---|",
+                  f"| python -c 'import jax, flax, optax' | | {e2e['import_seconds']:.2f} |"]
+        for n in (e2e["short_steps"], e2e["long_steps"]):
+            j = e2e[f"jax_{n}"]
+            lines.append(f"| jaxmlp train --steps {n:,} | {j['cold_seconds']:.2f} | "
+                         f"{j['warm_seconds']:.2f} |")
+        for n in (e2e["short_steps"], e2e["long_steps"]):
+            lines.append(f"| PyTorch lecture script, {n:,} steps | | "
+                         f"{_f(e2e[f'torch_{n}']['seconds'], 2)} |")
+        q = e2e["ratios"]
+        if q["torch_over_jax_long_warm"] is not None:
+            lines.append(f"PyTorch script / jaxmlp train, {e2e['long_steps']:,} steps: "
+                         f"{q['torch_over_jax_long_warm']:.1f}x warm, "
+                         f"{q['torch_over_jax_long_cold']:.1f}x cold")
+        lines.append(f"jaxmlp train --steps {e2e['short_steps']:,} / importing jax, flax, optax: "
+                     f"{q['jax_short_warm_over_imports']:.2f}x warm, "
+                     f"{q['jax_short_cold_over_imports']:.2f}x cold")
     return "\n".join(lines) + "\n"
 
 

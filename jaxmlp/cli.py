@@ -144,18 +144,26 @@ def enable_compilation_cache() -> str | None:
     """JAX's persistent compilation cache for the jaxmlp commands, so that a repeated command
     compiles nothing it compiled before. It lives in $XDG_CACHE_HOME/jaxmlp/jax (default
     ~/.cache/jaxmlp/jax); JAXMLP_CACHE_DIR moves it, JAXMLP_CACHE_DIR=off turns it off, and
-    JAX's own JAX_COMPILATION_CACHE_DIR, when set, wins. Returns the directory used."""
+    JAX's own JAX_COMPILATION_CACHE_DIR, when set, wins. Its jaxmlp-programs/ folder keeps whole
+    compiled programs (`program_cache`: no tracing either). Returns the directory used."""
     import os
 
     import jax
 
+    from jaxmlp import program_cache
+
     where = os.environ.get("JAXMLP_CACHE_DIR")
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or (where or "").lower() in ("off", "0"):
-        return os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if (where or "").lower() in ("off", "0"):
+        return None
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # JAX's own setting: jaxmlp's beside it
+        where = os.environ["JAX_COMPILATION_CACHE_DIR"]
+        program_cache.set_dir(os.path.join(where, "jaxmlp-programs"))
+        return where
     if not where:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         where = os.path.join(base, "jaxmlp", "jax")
     jax.config.update("jax_compilation_cache_dir", where)
+    program_cache.set_dir(os.path.join(where, "jaxmlp-programs"))
     # Every program, however small or quick to compile: a command compiles dozens of them.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -308,8 +316,17 @@ def cmd_bench(args) -> int:
     out = Path(args.out)
     check_report_dir(out, args.force)
     devices.configure_cpu_devices(args.cpu_devices or os.cpu_count() or 1)
+    from jaxmlp.limits import MAX_STEPS
+
+    e2e = None
+    if args.e2e or args.e2e_steps or args.full:
+        e2e = tuple(args.e2e_steps or (200_000, 2_000))
+        if len(e2e) != 2 or not 1 <= e2e[1] < e2e[0] <= MAX_STEPS:
+            raise ConfigError(f"--e2e-steps takes two step counts, long then short (each from 1 "
+                              f"to {MAX_STEPS:,}), e.g. 200000,2000; got "
+                              f"{','.join(map(str, e2e))}")
     result = bench.run_bench(steps=args.steps, torch_steps=args.torch_steps, full=args.full,
-                             data_path=str(args.data), repeats=args.repeats)
+                             data_path=str(args.data), repeats=args.repeats, e2e_steps=e2e)
     path = bench.write_bench(result, out)
     print(bench.format_table(result), end="")
     print(f"wrote {path}")
@@ -440,6 +457,11 @@ def build_parser() -> Parser:
     b.add_argument("--repeats", type=int, default=3, help="best of this many runs")
     b.add_argument("--full", action="store_true", help="also time `jaxmlp train` and the "
                    "PyTorch loop at 200,000 vs 20,000 steps from outside (minutes)")
+    b.add_argument("--e2e", action="store_true", help="also time, each in a fresh process, "
+                   "`jaxmlp train` (200,000 and 2,000 steps, cold and warm compilation cache) "
+                   "against the PyTorch lecture script and `import jax, flax, optax` (minutes)")
+    b.add_argument("--e2e-steps", type=_int_list, metavar="LONG,SHORT",
+                   help="the two run lengths of --e2e (default 200000,2000)")
     b.add_argument("--cpu-devices", type=int, help="XLA devices to split a CPU host into for "
                    "the sweeps (default: one per core)")
     b.set_defaults(func=cmd_bench)

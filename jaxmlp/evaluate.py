@@ -10,7 +10,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from jaxmlp import limits
+from jaxmlp import limits, train
 from jaxmlp.data import Dataset, Vocab
 from jaxmlp.errors import ConfigError
 from jaxmlp.train import cross_entropy
@@ -47,8 +47,11 @@ def final_losses(model: nn.Module, variables, data: Dataset) -> dict:
     arrays = tuple(tuple(map(jnp.asarray, data.split(s))) for s in splits)
     sizes = tuple(limits.eval_batch_size(model, len(Y)) for _, Y in arrays)
     both = bool(variables.get("batch_stats")) and sizes[0] >= len(data.train.Y)
-    losses = jax.device_get(_eval_final(variables, arrays, model=model, batch_sizes=sizes,
-                                        calibrated=both))
+    static = dict(model=model, batch_sizes=sizes, calibrated=both)
+    program = train._PROGRAMS(train.program_key("final_losses", *static.values(),
+                                                arrays=(variables, arrays)),
+                              lambda: _eval_final.lower(variables, arrays, **static))
+    losses = jax.device_get(program(variables, arrays))
     out = {s: float(v) for s, v in zip(splits, losses[0], strict=True)}
     if variables.get("batch_stats"):
         out["calibrated"] = ({s: float(v) for s, v in zip(splits, losses[1], strict=True)}

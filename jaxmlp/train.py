@@ -30,7 +30,7 @@ import optax
 from flax import linen as nn
 from flax import struct
 
-from jaxmlp import limits
+from jaxmlp import limits, program_cache
 from jaxmlp.errors import ConfigError, DivergenceError
 
 
@@ -156,7 +156,11 @@ def create_train_state(key: jax.Array, model: nn.Module, config: TrainConfig) ->
         hash(model)
     except TypeError:  # fields traced by an enclosing vmap (a sweep over init scales): that
         return _init_state(key, model, config)  # transformation compiles it already
-    return _create_train_state(key, model=model, config=config)
+    if isinstance(key, jax.core.Tracer):  # inside the caller's jit or vmap
+        return _create_train_state(key, model=model, config=config)
+    program = _PROGRAMS(program_key("init", model, config, arrays=key),
+                        lambda: _create_train_state.lower(key, model=model, config=config))
+    return program(key)
 
 
 def _init_state(key: jax.Array, model: nn.Module, config: TrainConfig) -> TrainState:
@@ -291,7 +295,8 @@ class Compiled:
 
     Ahead of time (not on first call, as `jax.jit` would) so that a run can report its
     compile time apart from its run time; the key must say everything the program depends on
-    (`program_key`).
+    (`program_key`). Where the disk cache is on (`program_cache`), a program compiled by an
+    earlier process is read back instead of traced and compiled again.
     """
 
     def __init__(self, capacity: int = 32):
@@ -304,8 +309,12 @@ class Compiled:
             self._programs[key] = self._programs.pop(key)  # most recently used last
         else:
             t0 = time.perf_counter()
-            program = lower().compile(
-                compiler_options=compiler_options(platform) if platform else None)
+            options = compiler_options(platform) if platform else {}
+            kept = program_cache.digest(key, platform, options)
+            program = program_cache.load(kept)
+            if program is None:
+                program = lower().compile(compiler_options=options or None)
+                program_cache.save(kept, program)
             self.seconds += time.perf_counter() - t0
             while len(self._programs) >= self.capacity:
                 del self._programs[next(iter(self._programs))]

@@ -1,0 +1,68 @@
+"""Compiled programs kept on disk: read back by the next process, keyed on everything a
+program depends on, never kept for the user's own code, and a damaged file only recompiles."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+from jaxmlp import program_cache
+from jaxmlp.stages import make_model
+from jaxmlp.train import Compiled, TrainConfig, program_key
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    program_cache.set_dir(tmp_path)
+    yield tmp_path
+    program_cache.set_dir(None)
+
+
+def test_keys_are_plain_data_and_say_everything(cache_dir):
+    model = make_model("batchnorm", 27, block_size=3)
+    x = jnp.zeros((4, 3), jnp.int32)
+    d = program_cache.digest(program_key(model, TrainConfig(), arrays=x), "cpu", {})
+    assert d == program_cache.digest(program_key(model, TrainConfig(), arrays=x), "cpu", {})
+    others = [program_key(model, TrainConfig(batch_size=64), arrays=x),
+              program_key(model.copy(n_hidden=100), TrainConfig(), arrays=x),
+              program_key(model, TrainConfig(), arrays=jnp.zeros((5, 3), jnp.int32))]
+    assert d not in {program_cache.digest(k, "cpu", {}) for k in others}
+    assert d != program_cache.digest(program_key(model, TrainConfig(), arrays=x), "cpu",
+                                     {"xla_cpu_prefer_vector_width": 512})
+    # The user's own optimizer is code: its programs are traced every time.
+    custom = TrainConfig(optimizer=optax.adamw(1e-3))
+    assert program_cache.digest(program_key(model, custom, arrays=x), "cpu", {}) is None
+    program_cache.set_dir(None)
+    assert program_cache.digest(program_key(model, TrainConfig(), arrays=x), "cpu", {}) is None
+
+
+def test_a_damaged_file_is_compiled_again(cache_dir):
+    x = jnp.arange(4.0)
+    key = program_key("double", arrays=x)
+    first = Compiled()(key, lambda: jax.jit(lambda v: 2 * v).lower(x))
+    (kept,) = [p for p in cache_dir.iterdir() if not p.name.startswith(".")]
+    assert list(first(x)) == [0.0, 2.0, 4.0, 6.0]
+    read_back = Compiled()(key, lambda: pytest.fail("traced although kept on disk"))
+    assert list(read_back(x)) == [0.0, 2.0, 4.0, 6.0]
+    kept.write_bytes(b"not a program")
+    again = Compiled()(key, lambda: jax.jit(lambda v: 2 * v).lower(x))
+    assert list(again(x)) == [0.0, 2.0, 4.0, 6.0]
+    assert kept.read_bytes() != b"not a program"
+
+
+def test_a_warm_command_trains_exactly_what_a_cold_one_does(tmp_path, cli_env):
+    env = {k: v for k, v in cli_env.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["JAXMLP_CACHE_DIR"] = str(tmp_path / "cache")
+    runs = []
+    for name in ("cold", "warm"):
+        out = tmp_path / name
+        subprocess.run([sys.executable, "-m", "jaxmlp", "train", "--steps", "300", "--n-hidden",
+                        "16", "--checkpoint-every", "100", "--out", str(out), "--quiet"],
+                       env=env, check=True, capture_output=True, timeout=300)
+        runs.append((out / "checkpoint.msgpack").read_bytes())
+    assert runs[0] == runs[1]
+    assert len(os.listdir(tmp_path / "cache" / "jaxmlp-programs")) >= 3  # init, chunk, eval
