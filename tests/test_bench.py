@@ -17,7 +17,8 @@ FULL_KEYS = {"ran", "reason", "long_steps", "short_steps", "jax_wall_seconds", "
 
 def check_keys(r: dict, torch: bool):
     assert {"date", "machine", "cpu", "cores", "backend", "devices", "jax", "stage", "steps",
-            "torch", "jax_single", "jax_sweep", "ratios", "full"} <= set(r)
+            "torch", "jax_single", "jax_sweep", "ratios", "full", "e2e"} <= set(r)
+    assert r["e2e"]["ran"] is False and "--e2e" in r["e2e"]["reason"]
     assert set(r["torch"]) == TORCH_KEYS
     assert set(r["jax_single"]) == {"us_per_step", "compile_seconds"}
     assert r["jax_single"]["us_per_step"] > 0 and r["jax_single"]["compile_seconds"] > 0
@@ -83,3 +84,42 @@ def test_bench_rejects_bad_input(tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     assert main(["bench", "--out", str(tmp_path / "f")]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_end_to_end_times_each_command_in_its_own_process_cold_then_warm(monkeypatch):
+    """The end-to-end section, with the clock replaced by what each command would take: a
+    cold `jaxmlp train` gets a new, empty cache; the warm one the same command with that cache
+    again; the ratios are those of these walls."""
+    calls = []
+
+    def fake_wall(cmd, env=None):
+        calls.append((cmd, dict(env or {})))
+        if cmd == bench.IMPORTS:
+            return 1.0
+        if "jaxmlp.lecture_torch" in cmd:
+            return {"100": 4.0, "1000": 40.0}[cmd[cmd.index("--steps") + 1]]
+        cache = env["JAXMLP_CACHE_DIR"]
+        seen = sum(1 for c, e in calls[:-1] if e.get("JAXMLP_CACHE_DIR") == cache and c == cmd)
+        steps = int(cmd[cmd.index("--steps") + 1])
+        return (3.0 if seen else 5.0) + steps / 1000
+
+    monkeypatch.setattr(bench, "_wall", fake_wall)
+    monkeypatch.setattr(bench, "torch_available", lambda: (True, None))
+    r = bench.time_end_to_end(1000, 100)
+    trains = [(c, e) for c, e in calls if "train" in c]
+    assert len(trains) == 4 and len({e["JAXMLP_CACHE_DIR"] for _, e in trains}) == 2
+    assert r["jax_100"] == {"cold_seconds": 5.1, "warm_seconds": 3.1}
+    assert r["jax_1000"] == {"cold_seconds": 6.0, "warm_seconds": 4.0}
+    assert r["ratios"]["torch_over_jax_long_warm"] == pytest.approx(10.0)
+    assert r["ratios"]["torch_over_jax_long_cold"] == pytest.approx(40 / 6)
+    assert r["ratios"]["jax_short_warm_over_imports"] == pytest.approx(3.1)
+    assert "end to end" in bench.format_table({**_minimal_result(), "e2e": r})
+
+
+def _minimal_result():
+    none = dict.fromkeys(["us_per_step_1_thread", "us_per_step_default_threads",
+                          "default_threads"])
+    return {"torch": {**none, "reason": None}, "jax_single": {"us_per_step": 50.0,
+            "compile_seconds": 1.0}, "jax_sweep": {}, "cpu": "x", "cores": 2, "backend": "cpu",
+            "jax": "0", "date": "today", "ratios": {"torch_1_thread_over_jax_single": None},
+            "full": {}}
