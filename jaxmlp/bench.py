@@ -188,13 +188,19 @@ def time_full(long_steps: int | None = None, short_steps: int | None = None,
 IMPORTS = [sys.executable, "-c", "import jax, flax, optax"]
 
 
-def time_end_to_end(long_steps: int = 200_000, short_steps: int = 2_000, torch_threads: int = 1,
-                    data_path: str | None = None, repeats: int = 1, log=None) -> dict[str, Any]:
-    """Wall seconds of `jaxmlp train --steps N` for N = long and short steps, with a cold
+def time_end_to_end(long_steps: int | None = None, short_steps: int | None = None,
+                    torch_threads: int = 1, data_path: str | None = None, repeats: int = 1,
+                    log=None) -> dict[str, Any]:
+    """Wall seconds of `jaxmlp train --steps N` for N = long and short steps (default: the
+    lecture's run and a hundredth of it), with a cold
     compilation cache (a new, empty one) and a warm one (the same command again), against the
     PyTorch lecture script (`python -m jaxmlp.lecture_torch`: its data preparation, loop and
     final evaluation) and against `python -c "import jax, flax, optax"`; best of `repeats`.
     """
+    from jaxmlp.train import TrainConfig
+
+    long_steps = long_steps or TrainConfig().steps
+    short_steps = short_steps or long_steps // 100
     say = log or (lambda *_: None)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
@@ -226,7 +232,8 @@ def time_end_to_end(long_steps: int = 200_000, short_steps: int = 2_000, torch_t
         if ok:
             say(f"end to end: the PyTorch lecture script, {n:,} steps ...")
             cmd = [sys.executable, "-m", "jaxmlp.lecture_torch", "--steps", str(n),
-                   "--threads", str(torch_threads), *data]
+                   "--batch-size", str(TrainConfig().batch_size), "--threads",
+                   str(torch_threads), *data]
             out[f"torch_{n}"] = {"seconds": best(cmd)}
         else:
             out[f"torch_{n}"] = {"seconds": None}
@@ -248,7 +255,7 @@ def time_end_to_end(long_steps: int = 200_000, short_steps: int = 2_000, torch_t
 
 def run_bench(steps: int = 10_000, torch_steps: int | None = None, sweep_steps: int | None = None,
               ks=SWEEP_KS, full: bool = False, data_path: str | None = None,
-              repeats: int = 3, e2e_steps: tuple[int, int] | None = None,
+              repeats: int = 3, e2e_steps: tuple[int | None, int | None] | None = None,
               log=print) -> dict[str, Any]:
     """Measure everything in this process (and, with `full`, the outside timings; with
     `e2e_steps` (long, short), the end-to-end ones: `time_end_to_end`) -> dict."""

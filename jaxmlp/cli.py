@@ -320,10 +320,10 @@ def cmd_bench(args) -> int:
 
     e2e = None
     if args.e2e or args.e2e_steps or args.full:
-        e2e = tuple(args.e2e_steps or (200_000, 2_000))
-        if len(e2e) != 2 or not 1 <= e2e[1] < e2e[0] <= MAX_STEPS:
+        e2e = tuple(args.e2e_steps or (None, None))
+        if args.e2e_steps and (len(e2e) != 2 or not 1 <= e2e[1] < e2e[0] <= MAX_STEPS):
             raise ConfigError(f"--e2e-steps takes two step counts, long then short (each from 1 "
-                              f"to {MAX_STEPS:,}), e.g. 200000,2000; got "
+                              f"to {MAX_STEPS:,}), e.g. 20000,200; got "
                               f"{','.join(map(str, e2e))}")
     result = bench.run_bench(steps=args.steps, torch_steps=args.torch_steps, full=args.full,
                              data_path=str(args.data), repeats=args.repeats, e2e_steps=e2e)
@@ -461,7 +461,7 @@ def build_parser() -> Parser:
                    "`jaxmlp train` (200,000 and 2,000 steps, cold and warm compilation cache) "
                    "against the PyTorch lecture script and `import jax, flax, optax` (minutes)")
     b.add_argument("--e2e-steps", type=_int_list, metavar="LONG,SHORT",
-                   help="the two run lengths of --e2e (default 200000,2000)")
+                   help="the two run lengths of --e2e (default: the lecture's, and 1%% of it)")
     b.add_argument("--cpu-devices", type=int, help="XLA devices to split a CPU host into for "
                    "the sweeps (default: one per core)")
     b.set_defaults(func=cmd_bench)

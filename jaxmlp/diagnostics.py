@@ -223,7 +223,8 @@ def probe(variables, X: jax.Array, Y: jax.Array, *, model: nn.Module,
 probe_jit = jax.jit(probe, static_argnames=("model", "threshold", "bins", "raw"))
 
 
-def snapshot(state: TrainState, X, Y, *, model: nn.Module, batch_size: int = 32,
+def snapshot(state: TrainState, X, Y, *, model: nn.Module,
+             batch_size: int = TrainConfig.batch_size,
              threshold: float = DEEP_SATURATION, raw: bool = True) -> dict[str, Any]:
     """`probe` of the minibatch that `state` would train on next, on the host (numpy)."""
     X, Y = jnp.asarray(X), jnp.asarray(Y)

@@ -1,6 +1,6 @@
 """The PyTorch lecture's batchnorm stage as the lecture runs it: one script, top to bottom.
 
-    python -m jaxmlp.lecture_torch [--steps 200000] [--threads 1] [--data names.txt]
+    python -m jaxmlp.lecture_torch --steps STEPS --batch-size B [--threads 1] [--data names.txt]
 
 Its data preparation (Python lists, `random.seed(42)`), its initialisation from
 `torch.Generator().manual_seed(2147483647)`, its training loop (with the per-step
@@ -18,7 +18,8 @@ import sys
 import time
 
 
-def lecture_script(path: str, steps: int = 200_000, threads: int = 1, log=print) -> dict:
+def lecture_script(path: str, steps: int, batch_size: int, threads: int = 1,
+                   log=print) -> dict:
     """Run the lecture's batchnorm stage; returns {"train", "val", "loop_seconds"}."""
     import torch
     import torch.nn.functional as F
@@ -64,7 +65,7 @@ def lecture_script(path: str, steps: int = 200_000, threads: int = 1, log=print)
     lossi = []
     t0 = time.perf_counter()
     for i in range(steps):
-        ix = torch.randint(0, Xtr.shape[0], (32,), generator=g)
+        ix = torch.randint(0, Xtr.shape[0], (batch_size,), generator=g)
         Xb, Yb = Xtr[ix], Ytr[ix]
         emb = C[Xb]
         embcat = emb.view(emb.shape[0], -1)
@@ -104,11 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     from jaxmlp.data import DEFAULT_DATA
 
     p = argparse.ArgumentParser(prog="python -m jaxmlp.lecture_torch")
-    p.add_argument("--steps", type=int, default=200_000)
+    p.add_argument("--steps", type=int, required=True, help="the lecture runs 200,000")
+    p.add_argument("--batch-size", type=int, required=True, help="the lecture's is 32")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data", default=str(DEFAULT_DATA))
     a = p.parse_args(argv)
-    r = lecture_script(a.data, a.steps, a.threads)
+    r = lecture_script(a.data, a.steps, a.batch_size, a.threads)
     print(f"train {r['train']:.4f}, val {r['val']:.4f}; loop {r['loop_seconds']:.1f} s")
     return 0
 

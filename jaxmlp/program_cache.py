@@ -101,8 +101,10 @@ def load(name: str | None):
         from jax.experimental import serialize_executable
 
         with open(_DIR / name, "rb") as f:
-            serialized, in_tree, out_tree = pickle.load(f)
-        return serialize_executable.deserialize_and_load(serialized, in_tree, out_tree)
+            serialized, in_tree, out_tree, device_ids = pickle.load(f)
+        by_id = {d.id: d for d in jax.devices()}
+        return serialize_executable.deserialize_and_load(  # on the devices it was compiled for
+            serialized, in_tree, out_tree, execution_devices=[by_id[i] for i in device_ids])
     except Exception:  # absent, truncated, from another build: compile it again
         return None
 
@@ -115,7 +117,8 @@ def save(name: str | None, program) -> None:
     try:
         from jax.experimental import serialize_executable
 
-        blob = pickle.dumps(serialize_executable.serialize(program))
+        device_ids = [d.id for d in program._executable.xla_executable.local_devices()]
+        blob = pickle.dumps((*serialize_executable.serialize(program), device_ids))
         _DIR.mkdir(parents=True, exist_ok=True)
         tmp = _DIR / f".{name}.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:

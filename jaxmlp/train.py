@@ -327,9 +327,10 @@ class Compiled:
 
 
 def program_key(*static, arrays=()) -> tuple:
-    """A `Compiled` key: the static arguments, and the type (shape, dtype, sharding) of every
-    array of `arrays` with their tree structure."""
-    return (*static, *(jax.typeof(x) for x in jax.tree.leaves(arrays)), jax.tree.structure(arrays))
+    """A `Compiled` key: the static arguments, and the type (shape, dtype) and placement
+    (sharding) of every array of `arrays` with their tree structure."""
+    return (*static, *((jax.typeof(x), getattr(x, "sharding", None))
+                       for x in jax.tree.leaves(arrays)), jax.tree.structure(arrays))
 
 
 # The training programs of `fit`, kept for the process like jit's own cache.

@@ -66,3 +66,30 @@ def test_a_warm_command_trains_exactly_what_a_cold_one_does(tmp_path, cli_env):
         runs.append((out / "checkpoint.msgpack").read_bytes())
     assert runs[0] == runs[1]
     assert len(os.listdir(tmp_path / "cache" / "jaxmlp-programs")) >= 3  # init, chunk, eval
+
+
+SCRIPT = """
+import sys, jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jaxmlp import program_cache
+from jaxmlp.train import Compiled, program_key
+program_cache.set_dir(sys.argv[1])
+assert jax.device_count() == 2
+one = jnp.arange(4.0)  # on device 0 only
+both = jax.device_put(jnp.arange(4.0), NamedSharding(Mesh(np.array(jax.devices()), ("r",)), P("r")))
+for x in (one, both, one):
+    program = Compiled()(program_key("double", arrays=x), lambda: jax.jit(lambda v: 2 * v).lower(x))
+    assert list(program(x)) == [0.0, 2.0, 4.0, 6.0]
+print("ok")
+"""
+
+
+def test_programs_come_back_on_the_devices_they_were_compiled_for(tmp_path, cli_env):
+    """One program on one of two devices, another split over both: each, read back in a new
+    process, runs where it was compiled to run."""
+    env = {**cli_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    for _ in range(2):  # compiled and kept, then read back
+        r = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.stdout.strip() == "ok", r.stderr[-2000:]
+    assert len([p for p in tmp_path.iterdir() if not p.name.startswith(".")]) == 2

@@ -139,7 +139,8 @@ def _lecture_init_deep(m: DeepMLP, g, torch) -> dict:
     return t
 
 
-def lecture_batches(generator, n: int, steps: int, batch_size: int = 32) -> np.ndarray:
+def lecture_batches(generator, n: int, steps: int,
+                    batch_size: int = TrainConfig.batch_size) -> np.ndarray:
     """The lecture's minibatch indices: (steps, batch_size) int32, row i = step i's batch.
 
     Equal to `torch.randint(0, n, (batch_size,), generator=g)` called once per step, and

@@ -20,10 +20,11 @@ from jaxmlp.models import DeepMLP
 from jaxmlp.stages import Schedule
 from jaxmlp.torch_bridge.convert import import_torch
 from jaxmlp.torch_bridge.lecture import check_model, layer_index
+from jaxmlp.train import TrainConfig
 
 
 def lecture_train(tensors: dict, generator, X, Y, steps: int, schedule: Schedule | None = None,
-                  batch_size: int = 32, num_threads: int | None = 1,
+                  batch_size: int = TrainConfig.batch_size, num_threads: int | None = 1,
                   log: Callable[[int, float], None] | None = None):
     """The lecture's training loop in PyTorch, transcribed; returns (losses, tensors).
 
@@ -174,7 +175,8 @@ def _lecture_layers(tensors: dict, model: DeepMLP, torch):
 
 
 def lecture_train_deep(tensors: dict, generator, X, Y, steps: int, model: nn.Module,
-                       schedule: Schedule | None = None, batch_size: int = 32,
+                       schedule: Schedule | None = None,
+                       batch_size: int = TrainConfig.batch_size,
                        num_threads: int | None = 1, ud: bool = False):
     """The lecture's deep-network loop in PyTorch; returns (losses, tensors, ud).
 
