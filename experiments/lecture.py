@@ -6,18 +6,21 @@
 # of the deep network, and at the end the two things JAX adds: a run that retraces the PyTorch
 # lecture number for number, and many seeds trained as one `vmap`. Each step is a few lines of
 # jaxmlp, their real output, and a sentence on what the output shows. The PyTorch lecture's own
-# figures come from `jaxmlp.stages` (provenance: docs/reference.md).
+# figures come from `jaxmlp.stages` (provenance: [docs/reference.md](../docs/reference.md)).
 #
 # **Running it.** At full fidelity (the lecture's 200,000 steps for every run, 8 seeds per
-# stage) the whole notebook ran in 4 min 6 s on a 2-core x86_64 CPU (AMD EPYC VM, JAX 0.10.2,
-# measured 2026-11-29); the last cell prints this run's own time. `JAXMLP_QUICK=1` cuts every
-# run to a few hundred steps (well under a minute; CI executes the notebook that way): its
-# numbers are then not the lecture's. This notebook is made from `experiments/lecture.py` (a
-# `# %%` script, also runnable with `python experiments/lecture.py`); to rebuild and re-execute
-# it, from the repository root with `pip install -e '.[notebook]'`:
+# stage) executing the whole notebook took 8 min 38 s (and 9 min 5 s in a second run) on a
+# 2-core x86_64 CPU (AMD EPYC VM, JAX 0.10.2), measured while other jobs shared the two cores:
+# the 40 training runs took 401 s of it, where `jaxmlp sweep --seeds 8` trains the same runs in
+# 132 s on an idle machine, so expect about 4 minutes there. The last cell prints this run's own
+# time. `JAXMLP_LECTURE_QUICK=1` cuts every run to a few hundred steps (about a minute, mostly
+# compilation; the tests execute the notebook that way), and its numbers are then not the
+# lecture's. The notebook is made from the `# %%` script
+# `experiments/lecture.py` (also runnable as `python experiments/lecture.py`); to re-execute it
+# and rewrite `experiments/lecture.ipynb`, from the repository root after
+# `pip install -e '.[notebook]'`:
 #
-#     jupytext --set-kernel python3 --to ipynb experiments/lecture.py &&
-#         jupyter execute --inplace experiments/lecture.ipynb
+#     python experiments/make_notebook.py
 
 # %%
 import functools
@@ -26,6 +29,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -37,14 +41,16 @@ from jaxmlp import devices, figures, init, report
 from jaxmlp import diagnostics as diag
 from jaxmlp import torch_bridge as tb  # imports torch only when asked to
 from jaxmlp.figures import bucket_log10, plt, save_figure
+from jaxmlp.sweep import training_model
 
 T0 = time.perf_counter()
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm, in a bare kernel
 # One XLA device per core, as `jaxmlp sweep` does: the 8 seeds of a stage split over the cores.
 devices.configure_cpu_devices(devices.cpu_devices_for(8))
-QUICK = os.environ.get("JAXMLP_QUICK", "") not in ("", "0")
+QUICK = os.environ.get("JAXMLP_LECTURE_QUICK", "") not in ("", "0")
 STEPS = 300 if QUICK else 200_000  # every shallow run: the lecture trains 200,000 steps
 DIAG_STEPS = 100 if QUICK else 1_000  # the deep network's diagnostics: the lecture's 1,000
-SEEDS = 8
+SEEDS = 4 if QUICK else 8  # seeds per stage
 NOTEBOOK = "ipykernel" in sys.modules
 FIGURES = Path(tempfile.mkdtemp(prefix="jaxmlp-lecture-"))
 
@@ -118,26 +124,43 @@ for stage in ("original", "softmax-fix"):
 # weights by 0.01 and zeroing its bias (`softmax-fix`) brings the logits near 0 and the first
 # loss to the uniform guess.
 #
-# Training both shows what that costs. Each stage below trains from 8 seeds at once (one
-# compiled program, `train_many`, the runs split over the CPU cores; seed *s* is the run
-# `jaxmlp train --seed s` makes), for the lecture's 200,000 steps with its learning rate 0.1,
-# then 0.01 from step 100,000.
+# Training shows what that costs. Every stage trains from 8 seeds at once (`train_many`: one
+# compiled program, the runs split over the CPU cores; seed *s* is the run
+# `jaxmlp train --seed s` makes) for the lecture's 200,000 steps, learning rate 0.1 then 0.01
+# from step 100,000. The four stages without batch norm differ only in how their weights are
+# drawn at init, so they train as one program of 32 runs, started here; each section below
+# reads its stage's results.
 
 # %%
-runs = {}  # stage -> its 8 runs: final split losses (8,) and every step's loss (8, STEPS)
+runs = {}  # stage -> its 8 runs: states, every step's loss (8, STEPS), split losses (8,)
 
 
-def train_stage(stage: str) -> None:
-    """Train seeds 0..7 of a stage as one vmapped program; keep the split losses of every run."""
-    model = jm.make_model(stage, data.vocab.size)
-    config = jm.TrainConfig(steps=STEPS, schedule=jm.get_stage(stage).schedule)
-    result = jm.train_many(jm.seed_states(range(SEEDS), model, config), X, Y, model, config)
-    runs[stage] = {"model": model, "states": result.states, "losses": result.losses,
-                   **jm.split_losses_many(model, result.states, data), "seconds": result.seconds}
+def train_stages(stages) -> None:
+    """Train seeds 0..7 of every stage in `stages` as one vmapped program."""
+    models = [jm.make_model(stage, data.vocab.size) for stage in stages]
+    model = training_model(models[0])  # the same network without its init scales
+    config = jm.TrainConfig(steps=STEPS, schedule=jm.get_stage(stages[0]).schedule)
+    # Seed s of a stage starts where `jaxmlp train --seed s` does; the scales are data here.
+    seeds = jnp.tile(jnp.arange(SEEDS, dtype=jnp.uint32), len(models))
+    scales = {k: jnp.repeat(jnp.asarray([m.init_scales[k] for m in models]), SEEDS)
+              for k in model.init_scales}
+    init = jax.vmap(lambda s, f: jm.create_train_state(jax.random.key(s), model.copy(**f), config))
+    result = jm.train_many(jax.jit(init)(seeds, scales), X, Y, model, config)
+    losses = jm.split_losses_many(model, result.states, data)
+    print(f"{', '.join(stages)}: {len(stages) * SEEDS} runs x {STEPS:,} steps in "
+          f"{result.seconds:.0f} s")
+    for j, stage in enumerate(stages):
+        rows = slice(j * SEEDS, (j + 1) * SEEDS)
+        runs[stage] = {"model": models[j], "losses": result.losses[rows],
+                       "states": jax.tree.map(lambda x, rows=rows: x[rows], result.states),
+                       **{split: v[rows] for split, v in losses.items()}}
+
+
+def report_stage(stage: str) -> None:
     r, ref = runs[stage], jm.get_stage(stage).reference
-    print(f"{stage}: {SEEDS} x {STEPS:,} steps in {r['seconds']:.0f} s; seed 0 train "
-          f"{r['train'][0]:.4f} val {r['val'][0]:.4f} (PyTorch lecture {ref.train:.4f} / "
-          f"{ref.val:.4f}); val over the seeds {r['val'].min():.4f} .. {r['val'].max():.4f}")
+    print(f"{stage}: seed 0 train {r['train'][0]:.4f} val {r['val'][0]:.4f} (PyTorch lecture "
+          f"{ref.train:.4f} / {ref.val:.4f}); val over the {SEEDS} seeds "
+          f"{r['val'].min():.4f} .. {r['val'].max():.4f}")
 
 
 def plot_curves(stages, title: str, name: str, head: int | None = None):
@@ -154,15 +177,17 @@ def plot_curves(stages, title: str, name: str, head: int | None = None):
     show(fig, name)
 
 
-for stage in ("original", "softmax-fix"):
-    train_stage(stage)
+train_stages(["original", "softmax-fix", "tanh-fix", "kaiming"])
+report_stage("original")
+report_stage("softmax-fix")
 plot_curves(["original", "softmax-fix"], "the first 2,000 steps, seed 0", "first-steps.png",
             head=min(STEPS, 2_000))
 
 # %% [markdown]
-# The original run spends its first few hundred steps squashing the confident logits (the
-# lecture's "hockey stick"); the fixed one starts where the other arrives and ends about 0.04
-# lower on validation, as in the lecture.
+# The original run spends its first steps squashing its confident logits (the lecture's
+# "hockey stick"): after 2,000 steps it has only come down to where the fixed run started.
+# Those steps are lost to learning, and at the end the fixed run is about 0.04 lower on
+# validation, as in the lecture.
 #
 # ## 3. Saturated tanh units, and the tanh fix
 #
@@ -188,14 +213,14 @@ show(figures.plot_saturation({s: at_init[s]["values"] for s in ("original", "tan
 # %% [markdown]
 # Two thirds of the original network's tanh outputs are saturated at init (softmax-fix does not
 # touch W1, so it has the same map); scaling W1 by 0.2 and b1 by 0.01 (`tanh-fix`) leaves
-# about 2%, with no dead unit. A column that were white for every example would be a unit that
-# never learns from any of them.
+# about 2%, with no dead unit. A column white for every example would be a unit that learns
+# from none of them, since its gradient is zero whatever the input.
 
 # %%
-train_stage("tanh-fix")
+report_stage("tanh-fix")
 
 # %% [markdown]
-# More units learning for the whole run gives another few hundredths on validation: the
+# With more units learning for the whole run, validation improves by another 0.03: the
 # lecture's ordering, each fix better than the one before.
 #
 # ## 4. The fan-in demo, and Kaiming's gain
@@ -223,11 +248,11 @@ print(f"calculate_gain('tanh') = {jm.calculate_gain('tanh'):.4f}; the kaiming st
 # about 13% of the outputs saturated, more than tanh-fix but still far from the original 65%.
 
 # %%
-train_stage("kaiming")
+report_stage("kaiming")
 
 # %% [markdown]
-# The rule lands within seed noise of the hand-tuned scale (compare the two ranges over the
-# seeds): nothing had to be tuned.
+# The rule lands within seed noise of the hand-tuned scale (the two ranges over the seeds
+# overlap), and nothing had to be tuned.
 #
 # ## 5. Batch norm
 #
@@ -255,7 +280,8 @@ for train in (True, False):
 # the training step does), as `0.999 running + 0.001 batch`.
 
 # %%
-train_stage("batchnorm")
+train_stages(["batchnorm"])
+report_stage("batchnorm")
 bn_model = runs["batchnorm"]["model"]
 bn_vars = jm.unstack_state(runs["batchnorm"]["states"], 0).variables  # seed 0
 print(jax.tree.map(jnp.shape, bn_vars))
@@ -335,12 +361,12 @@ show(report.plot_sweep(seed_study, FIGURES / "seed-study.png"))
 plot_curves(jm.STAGES, "every stage, seed 0: minibatch loss", "stages.png")
 
 # %% [markdown]
-# jaxmlp's seed 0 differs from the lecture's run by a few thousandths: different random
-# numbers, the same model. The seed study says how much such a difference means. Every lecture
-# figure lies within 0.01 of its stage's mean, the tanh-fix and kaiming intervals overlap (the
-# lecture's 2.1027 vs 2.1070 cannot order them), and the lecture's batch-norm run sits below
-# all eight JAX seeds: a lucky draw. In this shallow network batch norm does not beat a good
-# initialisation; what it buys is not having to find one.
+# jaxmlp's seed 0 differs from the lecture's run by a few thousandths (0.01 at most):
+# different random numbers, the same model. The seed study says how much such a difference
+# means. Every lecture figure lies within 0.01 of its stage's mean, the tanh-fix and kaiming
+# intervals overlap (the lecture's 2.1027 vs 2.1070 cannot order them), and the lecture's
+# batch-norm run sits below all eight JAX seeds: a lucky draw. In this shallow network batch
+# norm does not beat a good initialisation; what it buys is not having to find one.
 #
 # ## 7. The deep network: activations, gradients and updates
 #
@@ -406,10 +432,11 @@ for stage, d in deep.items():
                                     FIGURES / f"{stage}-ud.png", f"{stage}: update:data ratio"))
 
 # %% [markdown]
-# The embedding settles near -3 and the hidden weights around -2.2. The output Linear sits
-# higher in both networks: its batch norm's gain (or, without batch norm, its own weight)
-# starts at 0.1 to make the first predictions unconfident. The lecture's own PyTorch run
-# shows the same (docs/diagnostics.md compares the two step by step).
+# The embedding settles near -3 and the hidden weights between -2.5 and -2.2. The last Linear
+# sits higher in both networks, and far higher (-1.5) without batch norm, where its weight
+# starts at 0.1 of its size to make the first predictions unconfident: a small weight moves by
+# a large fraction of itself. The lecture's own PyTorch run
+# shows the same ([docs/diagnostics.md](../docs/diagnostics.md) compares the two step by step).
 #
 # **The gain study.** Without batch norm the gain is what keeps the deep network's activations
 # alive: the same initial draws scaled by four gains, probed at init (`probe_many` is `probe`
@@ -466,8 +493,8 @@ if torch is not None:
 # %% [markdown]
 # Every figure agrees to the four decimals the lecture prints: the same computation in another
 # framework. (The chaotic `original` stage is the exception: its saturated units amplify float
-# rounding, and it ends within 0.005; docs/pytorch.md has all five stages.) The lecture's own
-# loop, transcribed in PyTorch, on the same start:
+# rounding, and it ends within 0.005; [docs/pytorch.md](../docs/pytorch.md) has all five
+# stages.) The lecture's own loop, transcribed in PyTorch, on the same start:
 
 # %%
 if torch is not None:
@@ -485,10 +512,12 @@ if torch is not None:
            ylabel="relative difference")
     ax.grid(alpha=0.3)
     show(fig, "torch-retrace.png")
+else:
+    print("Skipped: PyTorch is not installed (pip install torch==2.13.0, then re-execute).")
 
 # %% [markdown]
-# The two loss curves agree to float32 rounding (about 1e-7) at every step: JAX and PyTorch sum
-# in different orders, so the last bit differs, and batch norm keeps those differences from
+# The two loss curves agree to float32 rounding (a few 1e-7) at every step: JAX and PyTorch sum
+# in different orders, so the last bits differ, and batch norm keeps those differences from
 # growing.
 #
 # ## 9. The functional view: eight seeds as one `vmap`
@@ -503,10 +532,11 @@ if torch is not None:
 # %%
 model, n = bn_model, min(STEPS, 5_000)
 config = jm.TrainConfig(steps=n)
-states = jm.seed_states(range(SEEDS), model, config)  # every leaf gains a leading axis of 8
+states = jm.seed_states(range(8), model, config)  # every leaf gains a leading axis of 8
 print("W1 of the 8 runs:", states.params["hidden"]["kernel"].shape)
 train = functools.partial(jm.run_steps, model=model, config=config, num_steps=n)
-final, losses = jax.jit(jax.vmap(train, in_axes=(0, None, None)))(states, X, Y)
+Xd, Yd = jnp.asarray(X), jnp.asarray(Y)  # on the device, once
+final, losses = jax.jit(jax.vmap(train, in_axes=(0, None, None)))(states, Xd, Yd)
 print("losses:", losses.shape)
 alone = jm.fit(jm.unstack_state(states, 3), X, Y, model, config, log=None, progress=False)
 print(f"seed 3 trained alone vs inside the vmap: largest loss difference "
@@ -520,7 +550,7 @@ print(f"seed 3 trained alone vs inside the vmap: largest loss difference "
 # %%
 lr_scale = jnp.array([0.1, 0.3, 1.0, 3.0])
 start = jm.seed_states([0] * len(lr_scale), model, config)
-_, lr_losses = jax.jit(jax.vmap(lambda s, c: train(s, X, Y, lr_scale=c)))(start, lr_scale)
+_, lr_losses = jax.jit(jax.vmap(lambda s, c: train(s, Xd, Yd, lr_scale=c)))(start, lr_scale)
 fig, ax = plt.subplots(figsize=(9, 3.6))
 bucket = max(1, n // 100)
 for c, curve in zip(lr_scale, np.asarray(lr_losses), strict=True):
@@ -533,9 +563,9 @@ ax.legend()
 show(fig, "learning-rates.png")
 
 # %% [markdown]
-# Over these first steps the lecture's 0.1 learns fastest: 0.3 is already too large for this
-# network, and the smaller rates lag behind. The same pattern scales to many devices and hosts
-# (docs/functional.md).
+# Over these first 5,000 steps 0.01 and 0.03 lag behind, while 0.3 gains nothing on the
+# lecture's 0.1 (it ends marginally higher). The same pattern scales to many devices and hosts
+# ([docs/functional.md](../docs/functional.md)).
 
 # %%
 print(f"this notebook: {time.perf_counter() - T0:.0f} s of computation "
