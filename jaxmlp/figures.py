@@ -22,13 +22,18 @@ Importing this module imports matplotlib: the rest of jaxmlp imports it only to 
 from __future__ import annotations
 
 import io
+import os
 import re
+import sys
 from pathlib import Path
 
 import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")  # no display on servers and CI
+# Headless (servers, CI) unless a backend was chosen: a notebook's inline one is kept, so that
+# the user's own plt.show() still draws.
+if "MPLBACKEND" not in os.environ and "matplotlib.pyplot" not in sys.modules:
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 # No JAX here: `serve_loss_plots` runs in a bare Python process (numpy and matplotlib only).
