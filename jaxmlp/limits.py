@@ -57,10 +57,15 @@ def check_learning_rates(rates) -> None:
 
 
 @functools.cache
+def param_shapes(model: nn.Module):
+    """The shapes of `model`'s parameters (traced, nothing computed)."""
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), example_tokens(model, 1),
+                                             train=False)).get("params", {})
+
+
 def count_params(model: nn.Module) -> int:
-    """The number of parameters `model` has (traced, nothing computed)."""
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), example_tokens(model, 1)))
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes.get("params", {})))
+    """The number of parameters `model` has."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(param_shapes(model)))
 
 
 def example_tokens(model: nn.Module, n: int) -> jax.ShapeDtypeStruct | jax.Array:
@@ -72,7 +77,7 @@ def activation_floats(model: nn.Module) -> int:
     """Floats one example leaves in memory on its way through the model: twice the outputs of
     every submodule (an activation function's output beside each layer's)."""
     def forward():
-        variables = model.init(jax.random.key(0), example_tokens(model, 2))
+        variables = model.init(jax.random.key(0), example_tokens(model, 2), train=False)
         _, state = model.apply(variables, example_tokens(model, 2), train=False,
                                capture_intermediates=True, mutable=["intermediates"])
         return state["intermediates"]
@@ -100,7 +105,7 @@ def memory_needed(model: nn.Module, *, batch_size: int, chunk: int, n_examples: 
     per_example = activation_floats(model)
     t = model.block_size + 1
     return {
-        "parameters and optimizer state": 4 * p * (3 + optimizer_slots) * 2,
+        "parameters and optimizer state": int(4 * p * (3 + optimizer_slots) * 2),
         "a minibatch's activations": 4 * batch_size * per_example * 3,
         "a chunk's minibatches": min(4 * chunk * batch_size * t, GATHER_BYTES),
         "the data": 4 * n_examples * t,
