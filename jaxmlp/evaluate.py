@@ -102,6 +102,10 @@ def calibrate(variables, X: jax.Array, model: nn.Module):
     """
     if not variables.get("batch_stats"):
         return variables
+    if not hasattr(model, "bn_momentum"):
+        raise ConfigError(f"{type(model).__name__} has no bn_momentum field, so its batch-norm "
+                          "statistics cannot be calibrated (momentum 1 makes them the full "
+                          "set's); add one, or use the running statistics")
     if limits.eval_batch_size(model, X.shape[0]) < X.shape[0]:
         raise ConfigError(f"calibrating batch norm on {X.shape[0]:,} examples at once would "
                           f"need more than {limits.eval_bytes() >> 20:,} MiB of activations; use "
