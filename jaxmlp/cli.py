@@ -239,7 +239,7 @@ def cmd_sweep(args) -> int:
     import os
     import time
 
-    from jaxmlp import devices, sweep
+    from jaxmlp import devices, limits, sweep
     from jaxmlp.report import check_report_dir, sweep_markdown, write_sweep
     from jaxmlp.stages import STAGES
 
@@ -248,6 +248,7 @@ def cmd_sweep(args) -> int:
         raise ConfigError("--stages is empty; name at least one stage, e.g. --stages kaiming")
     _positive(args, "seeds", "steps", "cpu_devices", "vmap_width")
     manual = devices.check_hosts(args.coordinator, args.num_processes, args.process_id)
+    limits.check_runs(args.seeds, len(stages) * len(args.lr or [None]))
     out = Path(args.out)
     check_report_dir(out, args.force)
     # Before JAX starts: on a CPU host, one XLA device per core (each trains a share of runs).

@@ -78,9 +78,17 @@ def cpu_devices_for(num_runs: int, cores: int | None = None) -> int:
     return max(1, min(num_runs, cores))
 
 
+MAX_CPU_DEVICES = 1024  # XLA sets up every device at start-up, each with its own threads
+
+
 def configure_cpu_devices(n: int) -> bool:
     """Split the host CPU into `n` XLA devices, if JAX has not started yet and the user has
     not chosen a count (XLA_FLAGS / JAX_NUM_CPU_DEVICES). Returns whether it took effect."""
+    if not 1 <= n <= MAX_CPU_DEVICES:
+        from jaxmlp.errors import ConfigError
+
+        raise ConfigError(f"--cpu-devices must be from 1 to {MAX_CPU_DEVICES}, got {n}; "
+                          "one per core is what the sweeps need")
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         return False
     if os.environ.get("JAX_NUM_CPU_DEVICES"):

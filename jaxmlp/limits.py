@@ -2,6 +2,7 @@
 
     MAX_STEPS, MAX_SEED, MAX_PARAMS   the step counter is int32; JAX keeps 32 bits of a seed;
                                       1 GiB of float32 parameters
+    MAX_RUNS                          runs in one sweep
     check_seed                        an integer seed JAX can tell from every other
     check_learning_rates              positive and representable in float32
     memory_needed                     an upper estimate of a run's device memory, by part
@@ -28,6 +29,7 @@ from jaxmlp.errors import ConfigError
 MAX_STEPS = 2**31 - 1  # TrainState.step is int32
 MAX_SEED = 2**32 - 1  # jax.random.key keeps 32 bits of a seed: larger ones repeat smaller ones
 MAX_PARAMS = 1 << 28  # 1 GiB of float32 parameters, before gradients and optimizer state
+MAX_RUNS = 1 << 16  # runs in one sweep: checked before a list of them is even made
 F32_MAX, F32_TINY = float(np.finfo(np.float32).max), float(np.finfo(np.float32).tiny)
 # A chunk's gathered minibatches at most; beyond, the steps gather their own (the same indices).
 GATHER_BYTES = 64 << 20
@@ -38,6 +40,13 @@ def check_seed(seed, flag: str = "--seed") -> None:
             0 <= seed <= MAX_SEED):
         raise ConfigError(f"{flag} must be between 0 and {MAX_SEED} (an integer: JAX keys keep "
                           f"32 bits of it), got {seed!r}")
+
+
+def check_runs(n_seeds: int, n_configs: int = 1) -> None:
+    """ConfigError for a sweep of more than MAX_RUNS runs (seeds x stages x settings)."""
+    if n_seeds * n_configs > MAX_RUNS:
+        raise ConfigError(f"{n_seeds:,} seeds x {n_configs:,} settings is more than the "
+                          f"{MAX_RUNS:,} runs one sweep trains; use fewer --seeds")
 
 
 def check_learning_rates(rates) -> None:

@@ -358,11 +358,18 @@ def run_sweep(stages: Sequence[str], seeds: Sequence[int], data, *, steps: int |
     from jaxmlp.optim import tunable
     from jaxmlp.stages import get_stage, make_model
 
-    seeds = [int(s) for s in seeds]
-    if not seeds:
+    try:
+        n_seeds = len(seeds)
+    except OverflowError:  # range(2**64)
+        n_seeds = limits.MAX_RUNS + 1
+    if not n_seeds:
         raise ConfigError("--seeds must be at least 1")
     if not stages:
         raise ConfigError("no stages given; pass e.g. --stages kaiming,batchnorm")
+    limits.check_runs(n_seeds, len(stages))  # before listing them: --seeds may be 2**64
+    seeds = [int(s) for s in seeds]
+    for s in (min(seeds), max(seeds)):
+        limits.check_seed(s, "a seed")
     for stage in stages:
         get_stage(stage)
     if len(set(stages)) != len(stages):

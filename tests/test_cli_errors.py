@@ -179,7 +179,11 @@ BAD = [
     (["reproduce", "--stages", ""], "no stages to reproduce"),
     (["sweep", "--stages", ""], "--stages is empty"),
     (["sweep", "--stages", ","], "--stages is empty"),
-    (["sweep", "--seeds", "100000"], "would need about"),
+    (["sweep", "--seeds", "100000"], "runs one sweep trains"),
+    (["sweep", "--seeds", str(2**64)], "runs one sweep trains"),
+    (["sweep", "--cpu-devices", str(2**64)], "--cpu-devices must be from 1"),
+    (["sweep", "--stages", "kaiming", "--seeds", "60000", "--steps", "2000000"],
+     "would need about"),
     (["bench", "--out", "run"], "is not empty; pass --force"),
     # no command at all
     ([], "the following arguments are required"),

@@ -77,6 +77,8 @@ def invocations(draw):
             argv += ["--checkpoint-every", str(draw(st.sampled_from([20, 1000, 0])))]
             maybe("--lr", floats)
             maybe("--bn-epsilon", floats)
+        if command == "sweep":
+            maybe("--cpu-devices", small_ints)
         if command == "diagnose":
             maybe("--threshold", floats)
             maybe("--every", st.sampled_from([1, 2, 0, 7]))
