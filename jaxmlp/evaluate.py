@@ -41,16 +41,18 @@ def split_losses(model: nn.Module, variables, data: Dataset,
 def final_losses(model: nn.Module, variables, data: Dataset) -> dict:
     """A trained run's metrics: {'train', 'val', 'test'} with the running statistics, and for
     batch norm 'calibrated': the same with statistics over the whole training split (None when
-    that pass does not fit `limits.eval_bytes()`). One compiled program: the passes share the
-    layers before the batch norm (XLA computes them once)."""
+    that pass does not fit `limits.eval_bytes()`; left out for a module without a `bn_momentum`
+    field, which cannot be calibrated). One compiled program: the passes share the layers
+    before the batch norm (XLA computes them once)."""
     splits = ("train", "val", "test")
     arrays = tuple(tuple(map(jnp.asarray, data.split(s))) for s in splits)
     sizes = tuple(limits.eval_batch_size(model, len(Y)) for _, Y in arrays)
-    both = bool(variables.get("batch_stats")) and sizes[0] >= len(data.train.Y)
+    calibratable = bool(variables.get("batch_stats")) and hasattr(model, "bn_momentum")
+    both = calibratable and sizes[0] >= len(data.train.Y)
     losses = jax.device_get(_eval_final(variables, arrays, model=model, batch_sizes=sizes,
                                         calibrated=both))
     out = {s: float(v) for s, v in zip(splits, losses[0], strict=True)}
-    if variables.get("batch_stats"):
+    if calibratable:
         out["calibrated"] = ({s: float(v) for s, v in zip(splits, losses[1], strict=True)}
                              if both else None)
     return out
