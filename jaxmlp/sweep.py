@@ -366,7 +366,8 @@ def run_sweep(stages: Sequence[str], seeds: Sequence[int], data, *, steps: int |
         raise ConfigError("--seeds must be at least 1")
     if not stages:
         raise ConfigError("no stages given; pass e.g. --stages kaiming,batchnorm")
-    limits.check_runs(n_seeds, len(stages) * len(lrs or [None]))  # before listing them: --seeds may be 2**64
+    # Before listing the seeds: --seeds may be 2**64.
+    limits.check_runs(n_seeds, len(stages) * len(lrs or [None]))
     seeds = [int(s) for s in seeds]
     for s in (min(seeds), max(seeds)):
         limits.check_seed(s, "a seed")

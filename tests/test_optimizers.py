@@ -124,8 +124,8 @@ def test_a_custom_optimizer_run_killed_and_resumed_equals_an_uninterrupted_one(t
         jm.plan_resumed_run(out, optimizer=optax.sgd(0.1))
     plan = jm.plan_resumed_run(out, optimizer=make_tx())
     jm.train_run(plan, progress=False, log=None)
-    for name in (ckpt.LOSSES_FILE, ckpt.SPEC_FILE):
-        assert (out / name).read_bytes() == (whole / name).read_bytes()
+    for name in (ckpt.CKPT_FILE, ckpt.LOSSES_FILE, ckpt.SPEC_FILE):
+        assert (out / name).read_bytes() == (whole / name).read_bytes(), name
     a, b = (ckpt.load_checkpoint(d, optimizer=make_tx()) for d in (out, whole))
     assert type(a.state.opt_state) is type(b.state.opt_state)
     jax.tree.map(np.testing.assert_array_equal, jax.tree.leaves(a.state.opt_state),
@@ -162,7 +162,9 @@ def test_a_weight_decay_and_lr_grid_equals_the_plain_optimizer_run_alone(small_m
                      *names_data.train, small_model, alone, log=None, progress=False)
         np.testing.assert_allclose(many.losses[i], one.losses, rtol=1e-5)
         params = jm.unstack_state(many.states, i).params
-        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
+        # Adam divides by sqrt(v): rounding in a tiny gradient moves a parameter near zero by
+        # ~1e-6 over 120 steps (an absolute error), so atol, not rtol, bounds those.
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5),
                      params, one.state.params)
     with pytest.raises(jm.ConfigError, match="no injected hyperparameter 'momentum'"):
         jm.set_hyperparams(states, momentum=0.9)
