@@ -95,10 +95,11 @@ def test_every_docs_page_opens_with_what_it_answers():
         assert first.startswith("This page answers"), path.name
 
 
-@pytest.mark.parametrize("where", ["README Python", "docs/functional.md"])
+@pytest.mark.parametrize("where", ["README Python", "README Your optimizer, your module, your grid",
+                                   "docs/functional.md"])
 def test_python_examples_run(where, tmp_path, monkeypatch):
     """The Python blocks, run in order with their step counts cut to a few."""
-    text = section("Python") if where == "README Python" else DOCS[ROOT / where]
+    text = section(where[7:]) if where.startswith("README ") else DOCS[ROOT / where]
     code = "\n".join(re.findall(r"```python\n(.*?)```", text, re.S))
     assert code
     code = re.sub(r"\b(200|20)_000\b", "40", code)
