@@ -1,7 +1,8 @@
 """jaxmlp: the makemore-part-3 names MLP (activations, gradients, batch norm) in JAX/Flax.
 
-data -> models/stages -> train -> evaluate -> diagnostics/figures. `runs` trains in run
-directories and `checkpoint` keeps their files; `sweep` trains many runs as one program,
+data -> models/stages -> train (optim: optimizers; protocol: what a model provides) ->
+evaluate -> diagnostics/figures. `runs` trains in run directories and `checkpoint` keeps their
+files; `sweep` trains many runs as one program,
 `report` summarises them and `bench` times them; `torch_bridge` connects to the PyTorch
 lecture; `cli` composes.
 """
@@ -18,10 +19,12 @@ _WHERE = {
                  "sample_tokens", "split_losses"],
     "init": ["calculate_gain"],
     "models": ["BN_PRESETS", "BNSemantics", "BatchNorm1d", "DeepMLP", "MLP", "probe_point"],
+    "optim": ["RecordedOptimizer", "get_hyperparams", "set_hyperparams", "tunable"],
+    "protocol": ["check_model"],
     "report": ["summarize"],
     "runs": ["RunPlan", "plan_new_run", "plan_resumed_run", "train_run"],
     "stages": ["DEEP_STAGES", "STAGES", "Stage", "get_stage", "make_model"],
-    "sweep": ["seed_states", "split_losses_many", "train_many", "unstack_state"],
+    "sweep": ["grid_states", "seed_states", "split_losses_many", "train_many", "unstack_state"],
     "train": ["Schedule", "TrainConfig", "TrainState", "create_train_state", "fit",
               "make_optimizer", "make_schedule", "run_steps", "sample_batches", "scale_updates",
               "train_chunk", "train_step"],

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -38,7 +39,7 @@ import numpy as np
 from flax import linen as nn
 from flax import serialization
 
-from jaxmlp import models
+from jaxmlp import limits, optim, protocol
 from jaxmlp.data import END, Vocab
 from jaxmlp.errors import DivergenceError, JaxmlpError, RunError
 from jaxmlp.train import Schedule, TrainConfig, TrainState, all_finite, create_train_state
@@ -52,7 +53,14 @@ RUN_FORMAT, RUN_VERSION = "jaxmlp-run", 1
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
-    """Everything needed to rebuild a run's model and optimizer (JSON-able)."""
+    """Everything needed to rebuild a run's model and optimizer (JSON-able).
+
+    The model is recorded by class ("MLP", or "package.module:ClassName" for a module of one's
+    own: jaxmlp.protocol) and fields. A preset optimizer is recorded by name and schedule; a
+    custom one (an optax transformation, or an optax schedule) as "custom" with the structure
+    of its state and its fingerprint, and read back as a `RecordedOptimizer`: give the
+    optimizer again to resume (`with_optimizer`).
+    """
 
     stage: str
     seed: int
@@ -63,33 +71,38 @@ class RunSpec:
     torch_stream: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        fields = {f.name: getattr(self.model, f.name) for f in dataclasses.fields(self.model)
-                  if f.name not in ("parent", "name")}
+        t = self.train
+        train: dict[str, Any] = {"steps": t.steps, "batch_size": t.batch_size}
+        if optim.is_custom(t):
+            rec = t.optimizer if isinstance(t.optimizer, optim.RecordedOptimizer) else \
+                _fingerprint(t, self.model)
+            train.update(optimizer="custom", optimizer_state=rec.state,
+                         optimizer_sha256=rec.sha256)
+        else:
+            train.update(learning_rates=list(t.schedule.learning_rates),
+                         boundaries=list(t.schedule.boundaries), optimizer=t.optimizer)
         return {
             "format": RUN_FORMAT, "version": RUN_VERSION,
             "stage": self.stage, "seed": self.seed, "data": self.data,
             "torch_stream": self.torch_stream, "vocab": "".join(self.vocab.chars),
-            "model": {"class": type(self.model).__name__, **fields},
-            "train": {"steps": self.train.steps, "batch_size": self.train.batch_size,
-                      "learning_rates": list(self.train.schedule.learning_rates),
-                      "boundaries": list(self.train.schedule.boundaries),
-                      "optimizer": self.train.optimizer, "chunk": self.train.chunk},
+            "model": protocol.model_to_json(self.model), "train": {**train, "chunk": t.chunk},
         }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> RunSpec:
-        """Inverse of `to_json`; ValueError/KeyError/TypeError for anything malformed."""
+        """Inverse of `to_json`; ValueError/KeyError/TypeError for anything malformed, RunError
+        when the model's class cannot be imported here."""
         if d.get("format") != RUN_FORMAT:
             raise ValueError("not a jaxmlp run.json")
         if d.get("version") != RUN_VERSION:
             raise ValueError(f"run.json version {d.get('version')!r}")
-        m = dict(d["model"])
-        model_cls = getattr(models, m.pop("class"), None)
-        if not (isinstance(model_cls, type) and issubclass(model_cls, nn.Module)):
-            raise ValueError("unknown model class")
-        model = model_cls(**m)
+        model = protocol.model_from_json(d["model"])
         t = dict(d["train"])
-        schedule = Schedule(tuple(t.pop("learning_rates")), tuple(t.pop("boundaries")))
+        if t.get("optimizer") == "custom":
+            t["optimizer"] = optim.RecordedOptimizer(str(t.pop("optimizer_state")),
+                                                     str(t.pop("optimizer_sha256")))
+        else:
+            t["schedule"] = Schedule(tuple(t.pop("learning_rates")), tuple(t.pop("boundaries")))
         vocab = Vocab(tuple(d["vocab"]))
         if vocab.chars[:1] != (END,) or len(set(vocab.chars)) != vocab.size:
             raise ValueError("malformed vocabulary")
@@ -99,12 +112,44 @@ class RunSpec:
                 raise ValueError(f"malformed {name}")
         if getattr(model, "vocab_size", vocab.size) != vocab.size:
             raise ValueError("vocab_size does not match the vocabulary")
-        train = TrainConfig(schedule=schedule, **t)
-        train.validate(batchnorm=getattr(model, "batchnorm", False))
+        train = TrainConfig(**t)
+        train.validate(batchnorm=protocol.has_batch_stats(model))
         if not isinstance(d["seed"], int) or not isinstance(d["data"], str):
             raise TypeError("malformed seed or data")
         return cls(stage=d["stage"], seed=d["seed"], model=model, train=train, vocab=vocab,
                    data=d["data"], torch_stream=bool(d.get("torch_stream", False)))
+
+
+@functools.lru_cache(maxsize=32)
+def _fingerprint(train: TrainConfig, model: nn.Module) -> optim.RecordedOptimizer:
+    # Cached: a run's spec is written with every checkpoint.
+    return optim.fingerprint(optim.make_optimizer(train), limits.param_shapes(model))
+
+
+def with_optimizer(spec: RunSpec, optimizer=None, run: str | Path = "the run") -> RunSpec:
+    """`spec` ready to train: a custom optimizer recorded in run.json replaced by `optimizer`,
+    once its state is checked to have the structure the run's had.
+
+    RunError when the run needs its optimizer and none is given, when the one given does not
+    match, or when one is given for a run whose run.json rebuilds its own.
+    """
+    recorded = spec.train.optimizer
+    if optimizer is None:
+        if isinstance(recorded, optim.RecordedOptimizer):
+            raise RunError(f"run {str(run)!r} was trained with a custom optimizer (state "
+                           f"{recorded.state}) that run.json cannot rebuild; resume it from "
+                           "Python with the same optimizer: jaxmlp.train_run("
+                           f"jaxmlp.plan_resumed_run({str(run)!r}, optimizer=tx))")
+        return spec
+    if not isinstance(recorded, optim.RecordedOptimizer):
+        raise RunError(f"run {str(run)!r} was trained with {recorded!r}, which run.json "
+                       "rebuilds itself; resume it without optimizer=")
+    given = optim.fingerprint(optimizer, limits.param_shapes(spec.model))
+    if given != recorded:
+        raise RunError(f"the optimizer given does not match the one run {str(run)!r} was "
+                       f"trained with (its state is {given.state}, the run's {recorded.state}, "
+                       "or their shapes differ); pass the run's own optimizer")
+    return dataclasses.replace(spec, train=dataclasses.replace(spec.train, optimizer=optimizer))
 
 
 def is_run_spec(path: str | Path) -> bool:
@@ -202,12 +247,17 @@ def checkpoint_to_bytes(spec: RunSpec, state: TrainState, losses: np.ndarray,
 
 
 def _state_template(spec: RunSpec) -> TrainState:
-    """Shapes and dtypes of the run's TrainState (key as raw key data), computed abstractly."""
+    """Shapes and dtypes of the run's TrainState (key as raw key data), computed abstractly;
+    opt_state None when the optimizer is a recorded custom one (then it is read as saved)."""
+    recorded = isinstance(spec.train.optimizer, optim.RecordedOptimizer)
+    train = dataclasses.replace(spec.train, optimizer="sgd") if recorded else spec.train
+
     def make():
-        state = create_train_state(jax.random.key(0), spec.model, spec.train)
+        state = create_train_state(jax.random.key(0), spec.model, train)
         return state.replace(key=jax.random.key_data(state.key))
 
-    return jax.eval_shape(make)
+    template = jax.eval_shape(make)
+    return template.replace(opt_state=None) if recorded else template
 
 
 def checkpoint_from_bytes(blob: bytes, spec: RunSpec, where: str = "checkpoint") -> Checkpoint:
@@ -239,6 +289,10 @@ def checkpoint_from_bytes(blob: bytes, spec: RunSpec, where: str = "checkpoint")
     if differences:
         raise RunError(f"{where} was written by another run ({differences}); put back this "
                        "run's own checkpoint or train it again with --force")
+    if isinstance(ck_spec.train.optimizer, optim.RecordedOptimizer) and not isinstance(
+            spec.train.optimizer, optim.RecordedOptimizer):  # given again: read its state too
+        ck_spec = dataclasses.replace(ck_spec, train=dataclasses.replace(
+            ck_spec.train, optimizer=spec.train.optimizer))
 
     try:
         template = _state_template(ck_spec)
@@ -246,7 +300,8 @@ def checkpoint_from_bytes(blob: bytes, spec: RunSpec, where: str = "checkpoint")
     except Exception as e:  # whatever a damaged spec or state makes Flax raise
         raise corrupted(f"state does not fit the model: {type(e).__name__}") from None
     want = jax.tree_util.tree_flatten_with_path(template)[0]
-    got = jax.tree_util.tree_flatten_with_path(raw)[0]
+    got = jax.tree_util.tree_flatten_with_path(
+        raw if template.opt_state is not None else raw.replace(opt_state=None))[0]
     for (path, w), (_, g) in zip(want, got, strict=True):
         g = np.asarray(g)
         if g.shape != w.shape or g.dtype != w.dtype:
@@ -374,15 +429,23 @@ def load_spec(run: str | Path) -> RunSpec:
                        "of a `jaxmlp train` run")
     try:
         return RunSpec.from_json(d)
+    except RunError:  # the model's class cannot be imported: said as it is
+        raise
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError, JaxmlpError) as e:
         raise RunError(f"{str(run / SPEC_FILE)!r} is corrupted ({type(e).__name__}); restore it "
                        "or train the run again with --force") from None
 
 
-def load_checkpoint(run: str | Path) -> Checkpoint:
-    """Read and verify a run directory's checkpoint; RunError naming the problem and the fix."""
+def load_checkpoint(run: str | Path, optimizer=None) -> Checkpoint:
+    """Read and verify a run directory's checkpoint; RunError naming the problem and the fix.
+
+    optimizer: a run's custom optimizer, given again (`with_optimizer`); without it such a
+    run's opt_state is the saved state dict, as read (enough to evaluate and sample).
+    """
     run = Path(run)
     spec = load_spec(run)
+    if optimizer is not None:
+        spec = with_optimizer(spec, optimizer, run)
     path = run / CKPT_FILE
     if not path.is_file():
         raise RunError(f"{str(path)!r} is missing (the run stopped before its first checkpoint "
@@ -391,9 +454,10 @@ def load_checkpoint(run: str | Path) -> Checkpoint:
     return checkpoint_from_bytes(read_file(path), spec, where=f"checkpoint {str(path)!r}")
 
 
-def load_run(run: str | Path) -> tuple[RunSpec, TrainState]:
-    """(spec, state) of a run directory written by `jaxmlp train`; raises RunError with the fix."""
-    ck = load_checkpoint(run)
+def load_run(run: str | Path, optimizer=None) -> tuple[RunSpec, TrainState]:
+    """(spec, state) of a run directory written by `jaxmlp train`; raises RunError with the fix.
+    optimizer: as `load_checkpoint`'s."""
+    ck = load_checkpoint(run, optimizer)
     return ck.spec, ck.state
 
 

@@ -53,25 +53,6 @@ def _stage_list(text: str) -> list[str]:
     return [_stage(x.strip()) for x in text.split(",") if x.strip()]
 
 
-def _schedule(args, default):
-    """--lr/--lr-boundaries over the stage's default; a single --lr alone is a constant rate."""
-    from jaxmlp.train import Schedule
-
-    if args.lr is None:
-        rates = default.learning_rates
-        bounds = default.boundaries if args.lr_boundaries is None else args.lr_boundaries
-    else:
-        rates = args.lr
-        bounds = args.lr_boundaries
-        if bounds is None:
-            bounds = () if len(rates) == 1 else default.boundaries
-    if len(rates) != len(bounds) + 1:
-        raise ConfigError(f"the schedule has {len(rates)} rate(s) (--lr) and {len(bounds)} "
-                          "boundary step(s) (--lr-boundaries); give one more rate than "
-                          "boundaries, e.g. --lr 0.1,0.01 --lr-boundaries 100000")
-    return Schedule(tuple(rates), tuple(bounds))
-
-
 def _given(args, defaults: dict) -> set[str]:
     """The options typed on the command line (their defaults are None or False)."""
     return {k for k, v in vars(args).items() if k in defaults and v not in (None, False)}
@@ -82,6 +63,7 @@ def cmd_train(args) -> int:
 
     t0 = time.perf_counter()
     from jaxmlp import runs
+    from jaxmlp.optim import schedule_from_flags
     from jaxmlp.stages import get_stage
     from jaxmlp.train import TrainConfig
 
@@ -101,10 +83,11 @@ def cmd_train(args) -> int:
         defaults = TrainConfig()
         config = TrainConfig(steps=_or(args.steps, defaults.steps),
                              batch_size=_or(args.batch_size, defaults.batch_size),
-                             schedule=_schedule(args, get_stage(stage).schedule),
+                             schedule=schedule_from_flags(args.lr, args.lr_boundaries,
+                                                          get_stage(stage).schedule),
                              optimizer=args.optimizer or defaults.optimizer,
                              chunk=_or(args.checkpoint_every, defaults.chunk))
-        fields = {} if args.bn_epsilon is None else {"bn_epsilon": args.bn_epsilon}
+        fields = _model_fields(args)
         plan = runs.plan_new_run(stage, seed=_or(args.seed, 0), config=config,
                                  data=_or(args.data, _default_data()), out=args.out,
                                  force=args.force, torch_stream=args.torch_stream,
@@ -170,6 +153,20 @@ def enable_compilation_cache() -> str | None:
     return where
 
 
+def _model_fields(args) -> dict:
+    """The model fields set by flags; make_model refuses those that do not apply to a stage."""
+    names = ("bn_epsilon", "norm", "activation", "gain", "depth")
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def _positive(args, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got "
+                              f"{value}")
+
+
 def _or(value, default):
     return default if value is None else value
 
@@ -215,7 +212,7 @@ def cmd_diagnose(args) -> int:
     run_diagnosis(args.stage, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
                   every=args.every, stats_every=args.stats_every, threshold=args.threshold,
                   torch_stream=args.torch_stream, data=args.data, out=args.out,
-                  force=args.force)
+                  force=args.force, **_model_fields(args))
     return 0
 
 
@@ -257,41 +254,30 @@ def cmd_sweep(args) -> int:
     stages = list(STAGES) if args.stages is None else args.stages
     if not stages:
         raise ConfigError("--stages is empty; name at least one stage, e.g. --stages kaiming")
-    for name in ("seeds", "steps", "cpu_devices"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got "
-                              f"{value}")
-    manual = (args.coordinator, args.num_processes, args.process_id)
-    if any(x is not None for x in manual) and None in manual:
-        raise ConfigError("--coordinator, --num-processes and --process-id go together; give "
-                          "all three, or --distributed alone on a cluster JAX detects")
-    if args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
-        raise ConfigError(f"--process-id must be in 0 .. {args.num_processes - 1}, got "
-                          f"{args.process_id}")
-    limits.check_runs(args.seeds, len(stages))
+    _positive(args, "seeds", "steps", "cpu_devices", "vmap_width")
+    manual = devices.check_hosts(args.coordinator, args.num_processes, args.process_id)
+    limits.check_runs(args.seeds, len(stages) * len(args.lr or [None]))
     out = Path(args.out)
     check_report_dir(out, args.force)
     # Before JAX starts: on a CPU host, one XLA device per core (each trains a share of runs).
     devices.configure_cpu_devices(args.cpu_devices or devices.cpu_devices_for(
-        args.seeds * len(stages), os.cpu_count()))
+        args.seeds * len(stages) * len(args.lr or [1]), os.cpu_count()))
     import jax
 
     from jaxmlp.data import load_dataset
 
     if args.distributed or args.coordinator:
-        # One process per host; the runs spread over every host's devices. CPU hosts gather
-        # the losses over gloo.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        devices.start_distributed(*manual)
     data = load_dataset(args.data)
     first = jax.process_index() == 0
     hosts = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
     if first:
-        print(f"sweep: {', '.join(stages)} x {args.seeds} seeds on {jax.device_count()} "
-              f"{jax.default_backend()} device(s){hosts}")
+        rates = f" x {len(args.lr)} learning rates" if args.lr else ""
+        print(f"sweep: {', '.join(stages)} x {args.seeds} seeds{rates} on "
+              f"{jax.device_count()} {jax.default_backend()} device(s){hosts}")
     t0 = time.perf_counter()
-    results = sweep.run_sweep(stages, range(args.seeds), data, steps=args.steps,
+    results = sweep.run_sweep(stages, range(args.seeds), data, steps=args.steps, lrs=args.lr,
+                              vmap_width=args.vmap_width, model_fields=_model_fields(args),
                               progress=first and not args.quiet, log=print if first else None)
     seconds = time.perf_counter() - t0
     if not first:
@@ -308,11 +294,7 @@ def cmd_bench(args) -> int:
     from jaxmlp import bench, devices
     from jaxmlp.report import check_report_dir
 
-    for name in ("steps", "torch_steps", "repeats", "cpu_devices"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, "
-                              f"got {value}")
+    _positive(args, "steps", "torch_steps", "repeats", "cpu_devices")
     out = Path(args.out)
     check_report_dir(out, args.force)
     devices.configure_cpu_devices(args.cpu_devices or os.cpu_count() or 1)
@@ -357,6 +339,18 @@ def _common(**flags) -> Parser:
     return p
 
 
+def _variant_flags(p) -> None:
+    """The deep network's variants (stages deep and deep-nobn), recorded in run.json."""
+    from jaxmlp.models import ACTIVATIONS, NORMS
+
+    p.add_argument("--norm", choices=NORMS, help="deep stages: the normalisation (default "
+                   "batchnorm for deep, none for deep-nobn)")
+    p.add_argument("--activation", choices=ACTIVATIONS, help="deep stages (default tanh)")
+    p.add_argument("--gain", type=float, help="deep stages: the Linear weights' initial gain "
+                   "(default 1 for deep, 5/3 for deep-nobn)")
+    p.add_argument("--depth", type=int, help="deep stages: hidden blocks (default 5)")
+
+
 def build_parser() -> Parser:
     from jaxmlp.data import DEFAULT_DATA
     from jaxmlp.train import TrainConfig
@@ -383,6 +377,7 @@ def build_parser() -> Parser:
     t.add_argument("--n-hidden", type=int, help="hidden units (default: the stage's, 200 or 100)")
     t.add_argument("--bn-epsilon", type=float, help="batch norm's epsilon (default: the "
                    "stage's: 0 for batchnorm, as the lecture; 1e-5 for deep)")
+    _variant_flags(t)
     t.add_argument("--checkpoint-every", type=int, metavar="N", help="save the whole training "
                    f"state every N steps (default {d.chunk:,})")
     t.add_argument("--resume", type=Path, metavar="DIR",
@@ -419,6 +414,7 @@ def build_parser() -> Parser:
                    "default 0: only the snapshots before and after)")
     g.add_argument("--threshold", type=float,
                    help="saturation threshold of |tanh| (default 0.97 deep, 0.99 shallow)")
+    _variant_flags(g)
     g.set_defaults(func=cmd_diagnose)
 
     r = sub.add_parser("reproduce", parents=[_common(data=DEFAULT_DATA, out=None, seed=0,
@@ -438,8 +434,15 @@ def build_parser() -> Parser:
                    "five lecture stages)")
     w.add_argument("--seeds", type=int, default=8, help="seeds per stage, 0 .. K-1 (default 8)")
     w.add_argument("--steps", type=int, help=f"steps per run (default {d.steps:,})")
+    w.add_argument("--lr", type=_float_list, help="learning rates to sweep, e.g. "
+                   "0.02,0.05,0.1,0.2: each the first rate of the stage's schedule (the later "
+                   "ones scaled with it); stages x rates x seeds, one compiled program per model")
+    _variant_flags(w)
     w.add_argument("--cpu-devices", type=int, help="XLA devices to split a CPU host into "
                    "(default: one per core; ignored on GPU/TPU)")
+    w.add_argument("--vmap-width", type=int, metavar="N", help="runs each device trains at "
+                   "once in one vmap (default: per platform: all of a GPU's or TPU's, "
+                   "the measured best on a CPU)")
     w.add_argument("--distributed", action="store_true", help="run the same command on every "
                    "host: jax.distributed.initialize() finds the others (SLURM, Open MPI, Cloud "
                    "TPU, Kubernetes) or takes --coordinator, --num-processes, --process-id")
@@ -470,8 +473,9 @@ def build_parser() -> Parser:
 
 # The train options whose default is None (or False): typed on the command line when set.
 TRAIN_DEFAULTS = {"stage", "steps", "batch_size", "lr", "lr_boundaries", "optimizer",
-                  "block_size", "n_embd", "n_hidden", "bn_epsilon", "checkpoint_every", "seed",
-                  "data", "out", "force", "torch_stream", "quiet", "resume", "profile"}
+                  "block_size", "n_embd", "n_hidden", "bn_epsilon", "norm", "activation", "gain",
+                  "depth", "checkpoint_every", "seed", "data", "out", "force", "torch_stream",
+                  "quiet", "resume", "profile"}
 
 
 def main(argv: list[str] | None = None) -> int:

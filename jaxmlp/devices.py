@@ -6,6 +6,8 @@ processes, and splitting a CPU host into one XLA device per core.
     place / to_host        an array onto the mesh, and back to this process whole
     cpu_devices_for        how many XLA devices to split a CPU host into for K runs
     configure_cpu_devices  do it, before JAX starts (ignored by GPU and TPU backends)
+    vmap_width             how many runs a device trains at once, per platform
+    check_hosts / start_distributed   one process per host (`jaxmlp sweep --distributed`)
 """
 
 from __future__ import annotations
@@ -96,3 +98,40 @@ def configure_cpu_devices(n: int) -> bool:
     except RuntimeError:  # the backend is already initialised: keep its devices
         return False
     return True
+
+
+# Runs one CPU device vmaps at once: a K = 8 sweep at widths 1, 2, 4 and 8 (docs/speed.md,
+# "Runs per vmap"). An accelerator takes all of its runs in one vmap: its cores are many.
+CPU_VMAP_WIDTH = 4
+
+
+def vmap_width(platform: str, runs_per_device: int, width: int | None = None) -> int:
+    """Runs each device trains at once (one vmap; the groups one after another): `width` if
+    given, else all of a GPU's or TPU's runs, CPU_VMAP_WIDTH on a CPU."""
+    if width is not None:
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ConfigError(f"--vmap-width must be a positive integer, got {width!r}")
+    elif platform == "cpu":
+        width = CPU_VMAP_WIDTH
+    else:
+        width = runs_per_device
+    return max(1, min(width, runs_per_device))
+
+
+def check_hosts(coordinator: str | None, num_processes: int | None,
+                process_id: int | None) -> tuple:
+    """ConfigError for an incomplete or inconsistent manual multi-process setup."""
+    manual = (coordinator, num_processes, process_id)
+    if any(x is not None for x in manual) and None in manual:
+        raise ConfigError("--coordinator, --num-processes and --process-id go together; give "
+                          "all three, or --distributed alone on a cluster JAX detects")
+    if num_processes is not None and not 0 <= process_id < num_processes:
+        raise ConfigError(f"--process-id must be in 0 .. {num_processes - 1}, got {process_id}")
+    return manual
+
+
+def start_distributed(coordinator=None, num_processes=None, process_id=None) -> None:
+    """One process per host; the runs spread over every host's devices. CPU hosts gather the
+    losses over gloo."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator, num_processes, process_id)

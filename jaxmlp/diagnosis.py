@@ -33,10 +33,12 @@ def run_diagnosis(stage: str = "deep", *, steps: int = 1000, seed: int = 0,
                   batch_size: int | None = None, every: int = 1, stats_every: int = 0,
                   threshold: float | None = None, torch_stream: bool = False,
                   data=None, out: str | Path | None = None, force: bool = False,
-                  log: Callable[[str], None] | None = print) -> dict[str, Any]:
+                  log: Callable[[str], None] | None = print, **model_fields) -> dict[str, Any]:
     """Train `stage` for `steps` steps with diagnostics and write DIR/diagnostics.json and the
     lecture's figures (DIR default runs/diagnose-<stage>-s<seed>, or -torch); returns the
-    report. threshold: saturation of |tanh| (default 0.97 deep, 0.99 shallow)."""
+    report. threshold: saturation of |tanh| (default 0.97 deep, 0.99 shallow).
+    model_fields: the deep network's variants (norm, activation, gain, depth), as `make_model`
+    takes them (recorded as "model" in the report)."""
     import jax
 
     from jaxmlp.checkpoint import write_json
@@ -54,6 +56,7 @@ def run_diagnosis(stage: str = "deep", *, steps: int = 1000, seed: int = 0,
     if not 0 < threshold < 1:
         raise ConfigError(f"--threshold must lie strictly between 0 and 1, got {threshold}")
     check_intervals(steps, every, stats_every)
+    make_model(stage, 1, block_size=1, **model_fields)  # the variants, before anything else
     config = TrainConfig(steps=steps, schedule=schedule,
                          **({} if batch_size is None else {"batch_size": batch_size}))
     if torch_stream:
@@ -63,7 +66,7 @@ def run_diagnosis(stage: str = "deep", *, steps: int = 1000, seed: int = 0,
     out = Path(out or f"runs/diagnose-{stage}-{'torch' if torch_stream else f's{seed}'}")
     check_report_dir(out, force)
     data = load_dataset(data or DEFAULT_DATA)
-    model = make_model(stage, data.vocab.size, block_size=data.block_size)
+    model = make_model(stage, data.vocab.size, block_size=data.block_size, **model_fields)
     config.check_fits(model, len(data.train.Y), stream=torch_stream)
     # The lecture's stream: one minibatch more, the final snapshot's.
     longer = dataclasses.replace(config, steps=steps + 1) if torch_stream else config
@@ -76,7 +79,7 @@ def run_diagnosis(stage: str = "deep", *, steps: int = 1000, seed: int = 0,
                  stats_every=stats_every, threshold=threshold, batch_ix=batch_ix)
     losses = split_losses(model, d.state.variables, data, splits=("train", "val"))
     report = to_json(d, stage=stage, seed=seed, split_losses=losses, torch_stream=torch_stream,
-                     **stamp())
+                     **({"model": model_fields} if model_fields else {}), **stamp())
     out.mkdir(parents=True, exist_ok=True)
     from jaxmlp.figures import write_diagnosis_figures
 

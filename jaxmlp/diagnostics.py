@@ -179,6 +179,28 @@ def probe_shapes(variables, X: jax.Array, model: nn.Module):
     return jax.eval_shape(forward)
 
 
+HOW_TO_PROBE = ("after each activation to watch, in its __call__: self.sow('intermediates', "
+                "name, x); x = jaxmlp.probe_point(self, name, x)")
+
+
+def check_probe_points(model: nn.Module, sown, variables, X: jax.Array) -> None:
+    """ConfigError saying how to add probe points when `model` records no activation, or an
+    activation and its probe point do not come in pairs."""
+    if not flat(sown):
+        raise ConfigError(f"{type(model).__name__} records no activations to diagnose; add, "
+                          f"{HOW_TO_PROBE}")
+
+    def probe_points():  # a mutable "perturbations" collection: probe_point creates its zeros
+        _, state = model.apply(variables, X, train=True, mutable=["perturbations", "batch_stats"])
+        return state.get("perturbations", {})
+
+    perturbed, recorded = set(flat(jax.eval_shape(probe_points))), set(flat(sown))
+    for name in sorted(recorded ^ perturbed, key=natural_key):
+        what = ("as a probe point it does not record (sow)" if name in perturbed else
+                "recorded without a probe point (its gradient cannot be read)")
+        raise ConfigError(f"{type(model).__name__} has {name!r} {what}; {HOW_TO_PROBE}")
+
+
 def probe(variables, X: jax.Array, Y: jax.Array, *, model: nn.Module,
           threshold: float = DEEP_SATURATION, bins: int | None = BINS,
           raw: bool = False) -> dict[str, Any]:
@@ -193,6 +215,7 @@ def probe(variables, X: jax.Array, Y: jax.Array, *, model: nn.Module,
     """
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
     sown = probe_shapes({"params": params, "batch_stats": batch_stats}, X, model)
+    check_probe_points(model, sown, variables, X)
     # sow stores a tuple per name; one zero perturbation of the value's shape per name.
     perturbations = jax.tree.map(lambda t: jnp.zeros(t[0].shape, t[0].dtype), sown,
                                  is_leaf=lambda x: isinstance(x, tuple))

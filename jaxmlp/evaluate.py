@@ -41,19 +41,21 @@ def split_losses(model: nn.Module, variables, data: Dataset,
 def final_losses(model: nn.Module, variables, data: Dataset) -> dict:
     """A trained run's metrics: {'train', 'val', 'test'} with the running statistics, and for
     batch norm 'calibrated': the same with statistics over the whole training split (None when
-    that pass does not fit `limits.eval_bytes()`). One compiled program: the passes share the
-    layers before the batch norm (XLA computes them once)."""
+    that pass does not fit `limits.eval_bytes()`; left out for a module without a `bn_momentum`
+    field, which cannot be calibrated). One compiled program: the passes share the layers
+    before the batch norm (XLA computes them once)."""
     splits = ("train", "val", "test")
     arrays = tuple(tuple(map(jnp.asarray, data.split(s))) for s in splits)
     sizes = tuple(limits.eval_batch_size(model, len(Y)) for _, Y in arrays)
-    both = bool(variables.get("batch_stats")) and sizes[0] >= len(data.train.Y)
+    calibratable = bool(variables.get("batch_stats")) and hasattr(model, "bn_momentum")
+    both = calibratable and sizes[0] >= len(data.train.Y)
     static = dict(model=model, batch_sizes=sizes, calibrated=both)
     program = train._PROGRAMS(train.program_key("final_losses", *static.values(),
                                                 arrays=(variables, arrays)),
                               lambda: _eval_final.lower(variables, arrays, **static))
     losses = jax.device_get(program(variables, arrays))
     out = {s: float(v) for s, v in zip(splits, losses[0], strict=True)}
-    if variables.get("batch_stats"):
+    if calibratable:
         out["calibrated"] = ({s: float(v) for s, v in zip(splits, losses[1], strict=True)}
                              if both else None)
     return out
@@ -105,6 +107,10 @@ def calibrate(variables, X: jax.Array, model: nn.Module):
     """
     if not variables.get("batch_stats"):
         return variables
+    if not hasattr(model, "bn_momentum"):
+        raise ConfigError(f"{type(model).__name__} has no bn_momentum field, so its batch-norm "
+                          "statistics cannot be calibrated (momentum 1 makes them the full "
+                          "set's); add one, or use the running statistics")
     if limits.eval_batch_size(model, X.shape[0]) < X.shape[0]:
         raise ConfigError(f"calibrating batch norm on {X.shape[0]:,} examples at once would "
                           f"need more than {limits.eval_bytes() >> 20:,} MiB of activations; use "

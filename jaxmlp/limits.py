@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -63,9 +64,15 @@ def check_learning_rates(rates) -> None:
                               f"{F32_TINY:.3g}: smaller rates train nothing); use a larger --lr")
 
 
-def count_params(model: nn.Module) -> int:
-    """The number of parameters `model` has (traced, nothing computed)."""
+def param_shapes(model: nn.Module):
+    """The shapes of `model`'s parameters, a tree of ShapeDtypeStruct (traced, nothing
+    computed)."""
     return _sizes(model)[0]
+
+
+def count_params(model: nn.Module) -> int:
+    """The number of parameters `model` has."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(param_shapes(model)))
 
 
 def example_tokens(model: nn.Module, n: int) -> jax.Array:
@@ -79,17 +86,16 @@ def activation_floats(model: nn.Module) -> int:
 
 
 @functools.cache
-def _sizes(model: nn.Module) -> tuple[int, int]:
-    """(parameters, activation floats per example), from one abstract init and apply."""
+def _sizes(model: nn.Module) -> tuple[Any, int]:
+    """(parameter shapes, activation floats per example), from one abstract init and apply."""
     def forward():
-        variables = model.init(jax.random.key(0), example_tokens(model, 2))
+        variables = model.init(jax.random.key(0), example_tokens(model, 2), train=False)
         _, state = model.apply(variables, example_tokens(model, 2), train=False,
                                capture_intermediates=True, mutable=["intermediates"])
         return variables.get("params", {}), state["intermediates"]
 
     params, inter = jax.eval_shape(forward)
-    return (sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
-            2 * sum(math.prod(x.shape[1:]) for x in jax.tree.leaves(inter) if x.ndim >= 1))
+    return (params, 2 * sum(math.prod(x.shape[1:]) for x in jax.tree.leaves(inter) if x.ndim >= 1))
 
 
 @functools.cache
@@ -119,7 +125,7 @@ def memory_needed(model: nn.Module, *, batch_size: int, chunk: int, n_examples: 
     per_example = activation_floats(model)
     t = model.block_size + 1
     return {
-        "parameters and optimizer state": 4 * p * (3 + optimizer_slots) * 2,
+        "parameters and optimizer state": int(4 * p * (3 + optimizer_slots) * 2),
         "a minibatch's activations": 4 * batch_size * per_example * 3,
         "a chunk's minibatches": min(4 * chunk * batch_size * t, GATHER_BYTES),
         "the data": 4 * n_examples * t,

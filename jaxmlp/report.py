@@ -2,6 +2,7 @@
 sweep's files.
 
     summarize / t975          mean, std and the 95% t interval of per-run numbers
+    sweep_entry               one stage's (or one (stage, lr)'s) results in sweep.json
     stamp                     date, machine, backend and versions: where a number was measured
     check_report_dir          a report's folder: new, empty, or `--force`
     sweep_markdown / write_sweep / plot_sweep   sweep.md, sweep.json and sweep.png
@@ -79,21 +80,61 @@ def check_report_dir(out: Path, force: bool) -> None:
                        "or choose another --out")
 
 
+def sweep_entry(stage: str, seeds: list[int], rows: slice, losses: dict, result,
+           steps: int, lr: float | None, fields: dict) -> dict[str, Any]:
+    """One stage's (or one (stage, lr)'s) entry of sweep.json, over its seeds: rows of the
+    split losses {split: (K,)} and of result (a sweep.ManyResult) are its runs."""
+    from jaxmlp.stages import get_stage
+
+    entry: dict[str, Any] = {"seeds": seeds}
+    if lr is not None:
+        first = get_stage(stage).schedule.learning_rates[0]
+        entry.update(stage=stage, lr=lr, hyperparams={
+            "lr": lr, "learning_rates": [lr / (first / r) for r in
+                                         get_stage(stage).schedule.learning_rates],
+            "boundaries": list(get_stage(stage).schedule.boundaries)})
+    for split in ("train", "val", "test"):
+        entry[split] = [float(x) for x in losses[split][rows]]
+    stats = {split: summarize(entry[split]) for split in ("train", "val", "test")}
+    for key in ("mean", "std", "ci95"):
+        entry[key] = {split: stats[split][key] for split in stats}
+    entry["n"] = stats["val"]["n"]
+    entry["steps"] = steps
+    entry["loss_at_step0"] = [float(x) for x in result.losses[rows, 0]] \
+        if result.losses.shape[1] else []
+    entry["diverged"] = [s for s, d in zip(seeds, result.diverged[rows], strict=True) if d]
+    entry["seconds"] = result.seconds  # of the whole group of stages trained together
+    ref = get_stage(stage).reference
+    same = not fields and (lr is None or lr == get_stage(stage).schedule.learning_rates[0])
+    entry["pytorch"] = {"train": ref.train, "val": ref.val, "test": ref.test} if same else None
+    if fields:
+        entry["model"] = fields
+    return entry
+
+
 def _fmt(x: float | None, digits: int = 4) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def is_grid(results: dict) -> bool:
+    """Whether `results` are a learning-rate grid's (entries per (stage, lr))."""
+    return any("lr" in r for r in results.values())
+
+
 def sweep_markdown(results: dict, meta: dict | None = None) -> str:
-    """A markdown table: mean ± std and 95% interval per stage, beside the PyTorch figure."""
-    lines = ["| stage | seeds | train | val (mean ± std) | val 95% CI | test | PyTorch val "
-             "(1 run) | val - PyTorch |",
-             "|---|---|---|---|---|---|---|---|"]
+    """A markdown table: mean ± std and 95% interval per stage (and learning rate, for a
+    grid), beside the PyTorch figure."""
+    grid = is_grid(results)
+    lines = [f"| stage |{' lr |' if grid else ''} seeds | train | val (mean ± std) | val 95% CI "
+             "| test | PyTorch val (1 run) | val - PyTorch |",
+             "|---|---|---|---|---|---|---|---|" + ("---|" if grid else "")]
     for stage, r in results.items():
         m, s, c = r["mean"], r["std"], r["ci95"]
         ref = (r.get("pytorch") or {}).get("val")
         diff = "-" if ref is None or m["val"] is None else f"{m['val'] - ref:+.4f}"
         ci = "-" if c["val"] is None else f"{m['val'] - c['val']:.4f} .. {m['val'] + c['val']:.4f}"
-        lines.append(f"| {stage} | {r['n']} | {_fmt(m['train'])} | {_fmt(m['val'])} ± "
+        name = f"{r['stage']} | {r['lr']:g}" if grid else stage
+        lines.append(f"| {name} | {r['n']} | {_fmt(m['train'])} | {_fmt(m['val'])} ± "
                      f"{_fmt(s['val'])} | {ci} | {_fmt(m['test'])} | {_fmt(ref)} | {diff} |")
     text = "\n".join(lines) + "\n"
     if meta:
@@ -107,7 +148,7 @@ def write_sweep(results: dict, out: Path, seconds: float) -> list[Path]:
     write_atomic(out / "sweep.json", json.dumps(results, indent=1) + "\n")
     write_atomic(out / "sweep.md", sweep_markdown(
         results, stamp(**{"wall seconds": round(seconds, 1)})))
-    plot_sweep(results, out / "sweep.png")
+    (plot_lr_sweep if is_grid(results) else plot_sweep)(results, out / "sweep.png")
     return [out / "sweep.json", out / "sweep.md", out / "sweep.png"]
 
 
@@ -136,5 +177,38 @@ def plot_sweep(results: dict, path: str | Path) -> Path:
     steps = max(results[s]["steps"] for s in stages)
     ax.set_title(f"val loss per stage: {n} seeds x {steps:,} steps (PyTorch: 200,000 steps)")
     ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def plot_lr_sweep(results: dict, path: str | Path) -> Path:
+    """Val loss against the learning rate (log scale), one line per stage: each seed as a dot,
+    the mean with its 95% interval; the lecture's rate and its PyTorch run marked."""
+    from jaxmlp.figures import plt, save_figure
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    stages = list(dict.fromkeys(r["stage"] for r in results.values()))
+    for i, stage in enumerate(stages):
+        rows = sorted((r for r in results.values() if r["stage"] == stage), key=lambda r: r["lr"])
+        lrs = np.asarray([r["lr"] for r in rows])
+        for r in rows:
+            ax.scatter(np.full(len(r["val"]), r["lr"]), r["val"], s=8, color=f"C{i}", alpha=0.35)
+        mean = [np.nan if r["mean"]["val"] is None else r["mean"]["val"] for r in rows]
+        ci = [r["ci95"]["val"] or 0 for r in rows]
+        ax.errorbar(lrs, mean, yerr=ci, fmt="o-", color=f"C{i}", capsize=4,
+                    label=f"{stage}: mean, 95% interval")
+        for r in rows:  # the lecture's run, where the grid's runs are as long as it was
+            if r.get("pytorch") and r["steps"] == 200_000:
+                ax.scatter([r["lr"]], [r["pytorch"]["val"]], marker="x", s=60, color="C3",
+                           zorder=4, label="PyTorch lecture (1 run)" if i == 0 else None)
+    ax.set_xscale("log")
+    ticks = sorted({r["lr"] for r in results.values()})
+    ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("learning rate (the schedule's first)")
+    ax.set_ylabel("val loss")
+    r0 = next(iter(results.values()))
+    ax.set_title(f"val loss against the learning rate: {r0['n']} seeds x {r0['steps']:,} steps")
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, path)

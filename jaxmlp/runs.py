@@ -37,8 +37,9 @@ import numpy as np
 from jaxmlp import checkpoint as ckpt
 from jaxmlp import rundir
 from jaxmlp.data import DEFAULT_DATA, Dataset, load_dataset
-from jaxmlp.errors import DataError, DivergenceError, RunError
+from jaxmlp.errors import ConfigError, DataError, DivergenceError, RunError
 from jaxmlp.limits import check_seed
+from jaxmlp.protocol import has_batch_stats
 from jaxmlp.train import TrainConfig, TrainState
 
 
@@ -163,40 +164,61 @@ def start_state(model, config: TrainConfig, *, seed: int = 0, torch_stream: bool
     return create_train_state(jax.random.key(seed), model, config), None
 
 
-def plan_new_run(stage: str = "batchnorm", *, seed: int = 0, config: TrainConfig | None = None,
-                 data: str | Path = DEFAULT_DATA, out: str | Path | None = None,
-                 force: bool = False, torch_stream: bool = False, block_size: int = 3,
-                 n_embd: int = 10, n_hidden: int | None = None, **model_fields) -> RunPlan:
+def plan_new_run(stage: str | Any = "batchnorm", *, seed: int = 0,
+                 config: TrainConfig | None = None, data: str | Path = DEFAULT_DATA,
+                 out: str | Path | None = None, force: bool = False, torch_stream: bool = False,
+                 block_size: int | None = None, n_embd: int | None = None,
+                 n_hidden: int | None = None, **model_fields) -> RunPlan:
     """Validate a new run of `stage` and build its initial state; writes nothing.
 
-    n_hidden None is the stage's width (200 shallow, 100 deep); `model_fields` override the
-    stage's (e.g. bn_epsilon). torch_stream: start from the PyTorch lecture's initial tensors
-    and take its minibatches (needs torch; seed unused).
+    stage: a stage name, or a flax.linen Module of one's own (the model protocol:
+    jaxmlp.protocol; its sizes are its own, so block_size, n_embd, n_hidden and model_fields
+    do not apply). block_size None is 3, n_embd None 10, n_hidden None the stage's width (200
+    shallow, 100 deep); `model_fields` override the stage's (e.g. bn_epsilon, norm, depth).
+    config: default the stage's schedule with SGD; its optimizer may be any optax
+    transformation. torch_stream: start from the PyTorch lecture's initial tensors and take its
+    minibatches (needs torch; seed unused).
     """
+    from jaxmlp import protocol
     from jaxmlp.stages import get_stage, make_model
 
-    get_stage(stage)
     check_seed(seed)
-    config = config or TrainConfig(schedule=get_stage(stage).schedule)
-    # The sizes, before the (slower) data: a module is only a description until init.
-    sized = make_model(stage, 1, block_size=block_size, n_embd=n_embd, n_hidden=n_hidden,
-                       **model_fields)
-    config.validate(batchnorm=sized.batchnorm)
+    if isinstance(stage, str):
+        get_stage(stage)
+        config = config or TrainConfig(schedule=get_stage(stage).schedule)
+        sizes = dict(block_size=3 if block_size is None else block_size,
+                     n_embd=10 if n_embd is None else n_embd, n_hidden=n_hidden, **model_fields)
+        # The sizes, before the (slower) data: a module is only a description until init.
+        sized = make_model(stage, 1, **sizes)
+        label = stage
+    else:
+        given = {k: v for k, v in dict(block_size=block_size, n_embd=n_embd, n_hidden=n_hidden,
+                                        **model_fields).items() if v is not None}
+        if given:
+            raise ConfigError(f"{next(iter(given))} is a field of the stages' models; a module "
+                              "of one's own carries its own sizes (set them on the module)")
+        sized = protocol.check_model(stage)
+        protocol.model_to_json(sized)  # run.json must be able to name it
+        config, label = config or TrainConfig(), type(sized).__name__
+    config.validate(batchnorm=protocol.has_batch_stats(sized))
     if torch_stream:
         from jaxmlp.torch_bridge import check_model, import_torch
 
         check_model(sized)  # a model the lecture's code can express
         import_torch()  # fail before anything else when torch is missing
-    out = Path(out) if out is not None else default_out(stage, seed, torch_stream)
+    out = Path(out) if out is not None else default_out(label, seed, torch_stream)
     holding = rundir.check_out_dir(out, force)
     clock = Clock()
-    dataset = load_dataset(data, block_size=block_size)
+    dataset = load_dataset(data, block_size=sized.block_size)
     clock.lap("data")
-    model = make_model(stage, dataset.vocab.size, block_size=block_size, n_embd=n_embd,
-                       n_hidden=n_hidden, **model_fields)
+    if isinstance(stage, str):
+        model = make_model(stage, dataset.vocab.size, **sizes)
+    else:
+        model = protocol.check_model(stage, vocab_size=dataset.vocab.size)
     config.check_fits(model, len(dataset.train.Y), _n_examples(dataset), stream=torch_stream)
-    spec = ckpt.RunSpec(stage, seed, model, config, dataset.vocab, os.path.abspath(data),
+    spec = ckpt.RunSpec(label, seed, model, config, dataset.vocab, os.path.abspath(data),
                         torch_stream=torch_stream)
+    spec.to_json()  # a custom optimizer must initialise on the model's parameters
     state, batch_ix = start_state(model, config, seed=seed, torch_stream=torch_stream,
                                   n_train=len(dataset.train.X))
     clock.lap("init", wait=state)
@@ -213,18 +235,21 @@ def _n_examples(data: Dataset) -> int:
 
 
 def plan_resumed_run(run: str | Path, *, data: str | Path | None = None,
-                     checkpoint_every: int | None = None) -> RunPlan:
+                     checkpoint_every: int | None = None, optimizer=None) -> RunPlan:
     """Validate a resume of the unfinished run in `run` and load its checkpoint; writes nothing.
 
     The saved spec decides every setting; `data` may point at the same names file moved
     elsewhere (its SHA-256 must match) and `checkpoint_every` changes only when it saves. A run
     stopped before its first checkpoint starts again from step 0 (its spec determines it).
+    optimizer: the run's custom optimizer (an optax transformation), given again: run.json
+    records only its state's structure, which must match (RunError otherwise, or when a run
+    that needs it is resumed without it).
     """
     run = rundir.real_path(run)
-    spec = ckpt.load_spec(run)
+    spec = ckpt.with_optimizer(ckpt.load_spec(run), optimizer, run)
     unstarted = not rundir.foreign_entries(run) and not any(
         (run / name).exists() for name in (ckpt.CKPT_FILE, ckpt.METRICS_FILE, ckpt.LOSSES_FILE))
-    ck = None if unstarted else ckpt.load_checkpoint(run)
+    ck = None if unstarted else ckpt.load_checkpoint(run, optimizer)
     if ck is not None and ck.step >= spec.train.steps and ckpt.is_finished(run):
         staging, hint = rundir.staging_dir(run), ""
         if staging.is_dir():
@@ -238,7 +263,7 @@ def plan_resumed_run(run: str | Path, *, data: str | Path | None = None,
     if checkpoint_every is not None:
         spec = dataclasses.replace(spec, train=dataclasses.replace(
             spec.train, chunk=checkpoint_every))
-        spec.train.validate(batchnorm=getattr(spec.model, "batchnorm", False))
+        spec.train.validate(batchnorm=has_batch_stats(spec.model))
     data_path = Path(spec.data) if data is None else Path(data)
     dataset = load_dataset(data_path, block_size=spec.model.block_size, vocab=spec.vocab)
     recorded = ck.data_sha256 if ck is not None else ""

@@ -107,6 +107,27 @@ def get_stage(name: str) -> Stage:
     raise ConfigError(f"unknown stage {name!r}; choose one of {', '.join(stage_names())}")
 
 
+# The deep network's variants, each a field of DeepMLP and a flag of train, sweep and diagnose.
+VARIANTS = {"norm": "normalisation (batchnorm, layernorm or none)",
+            "activation": "activation (tanh or relu)",
+            "gain": "initial gain of its Linear weights", "depth": "number of hidden blocks"}
+
+
+def _check_variants(fields: dict) -> None:
+    """ConfigError for a variant value out of range (names: DeepMLP checks them itself)."""
+    gain, depth = fields.get("gain"), fields.get("depth")
+    if gain is not None and (isinstance(gain, bool) or not isinstance(gain, (int, float))
+                             or not (math.isfinite(gain) and gain > 0)):
+        raise ConfigError(f"--gain must be a positive finite number, got {gain!r}")
+    if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int)
+                              or not 1 <= depth <= MAX_DEPTH):
+        raise ConfigError(f"--depth must be a whole number of hidden blocks from 1 to "
+                          f"{MAX_DEPTH}, got {depth!r}")
+
+
+MAX_DEPTH = 100  # every block is unrolled into the compiled step
+
+
 def make_model(stage: str, vocab_size: int, block_size: int = 3, n_embd: int = 10,
                n_hidden: int | None = None, **overrides) -> nn.Module:
     """The Flax module of a stage for the given sizes; `overrides` replace any model field.
@@ -122,8 +143,13 @@ def make_model(stage: str, vocab_size: int, block_size: int = 3, n_embd: int = 1
     known = {f.name for f in dataclasses.fields(s.model)} - {"parent", "name"}
     unknown = sorted(set(overrides) - known)
     if unknown:
+        if unknown[0] in VARIANTS:
+            raise ConfigError(f"--{unknown[0]} sets the deep network's {VARIANTS[unknown[0]]}; "
+                              f"stage {stage} is the shallow MLP, which has none (use --stage "
+                              f"{' or '.join(DEEP_STAGES)})")
         raise ConfigError(f"{s.model.__name__} (stage {stage}) has no field {unknown[0]!r}; "
                           f"its fields are {', '.join(sorted(known))}")
+    _check_variants(overrides)
     model = s.model(vocab_size=vocab_size, block_size=block_size, n_embd=n_embd,
                     n_hidden=n_hidden, **{**s.fields, **overrides})
     eps = overrides.get("bn_epsilon")

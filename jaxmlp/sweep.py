@@ -3,7 +3,9 @@
     seed_states / unstack_state   K TrainStates as one whose leaves lead with a run axis (K, ...)
     train_many                    K runs in compiled chunks, the run axis sharded over devices
     split_losses_many             eval-mode split losses of K runs, (K,) per split
-    run_sweep                     stages x seeds -> {stage: {...}}: the `jaxmlp sweep` command
+    grid_states                   seeds x hyperparameter values (learning rate, weight decay,
+                                  ...) as stacked states: one compiled program for a grid
+    run_sweep                     stages (x rates) x seeds -> {stage: {...}}: `jaxmlp sweep`
                                   (its files: jaxmlp.report)
 
 A single run, a seed sweep and a hyperparameter sweep are the same code path, `run_steps`
@@ -17,15 +19,17 @@ vmapped over whatever differs between the runs:
 
 The run axis is split over `devices` (default: `jax.devices()`, which after
 `jax.distributed.initialize()` spans every host) with `jax.shard_map`: each device trains its
-share of the runs, 4 at a time (vmap inside lax.map), with no communication. On a CPU, splitting
-the host into several XLA devices (`jax.config.update("jax_num_cpu_devices", n)` before JAX
-starts, or XLA_FLAGS=--xla_force_host_platform_device_count=n) runs the shares on different
-cores; see `cpu_devices_for`.
+share of the runs, a few at a time on a CPU and all at once on a GPU or TPU (one vmap;
+`devices.vmap_width`), with no communication. On a CPU, splitting the host into several XLA
+devices (`jax.config.update("jax_num_cpu_devices", n)` before JAX starts, or
+XLA_FLAGS=--xla_force_host_platform_device_count=n) runs the shares on different cores; see
+`cpu_devices_for`.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,10 +43,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxmlp import limits
-from jaxmlp.devices import RUNS, place, run_mesh, to_host
+from jaxmlp.devices import CPU_VMAP_WIDTH, RUNS, place, run_mesh, to_host
+from jaxmlp.devices import vmap_width as vmap_width_for
 from jaxmlp.errors import ConfigError
 from jaxmlp.evaluate import eval_loss
-from jaxmlp.report import summarize, t975  # noqa: F401 (t975: part of this module's API)
+from jaxmlp.optim import optimizer_slots, set_hyperparams
+from jaxmlp.protocol import has_batch_stats
+from jaxmlp.report import summarize, sweep_entry, t975  # noqa: F401 (part of this module's API)
 from jaxmlp.train import (
     Compiled,
     TrainConfig,
@@ -131,12 +138,13 @@ _PROGRAMS = Compiled()
                    donate_argnames=("states",))
 def train_many_chunk(states: TrainState, X: jax.Array, Y: jax.Array, batch_ix, lr_scale, *,
                      model: nn.Module, config: TrainConfig, num_steps: int, mesh: Mesh,
-                     per_run_ix: bool = False, vmap_width: int = 4):
+                     per_run_ix: bool = False, vmap_width: int = CPU_VMAP_WIDTH):
     """`num_steps` steps of every run. states (K, ...), batch_ix None, (num_steps, B) shared or
     (K, num_steps, B) per run, lr_scale None or (K,). Returns (states, losses (K, num_steps)).
 
     shard_map splits the runs over the mesh; on each device, `run_steps` is vmapped over
-    `vmap_width` runs at a time (lax.map with batch_size), the groups one after another.
+    `vmap_width` runs at a time (lax.map with batch_size), the groups one after another; a
+    width of 1 runs the unbatched program run after run.
     """
 
     def local(states, X, Y, batch_ix, lr_scale):  # this device's share of the runs
@@ -147,10 +155,15 @@ def train_many_chunk(states: TrainState, X: jax.Array, Y: jax.Array, batch_ix, l
                              lr_scale=lr)
 
         runs = (states, batch_ix if per_run_ix else None, lr_scale)
-        if states.step.shape[0] == 1:  # one run here: the unbatched program (a vmap of 1 is
-            out = one(jax.tree.map(lambda x: x[0], runs))  # slower, 63 vs 35 us/step)
+        n = states.step.shape[0]
+        if n == 1:  # one run here: the unbatched program (a vmap of 1 is slower, 63 vs 35
+            out = one(jax.tree.map(lambda x: x[0], runs))  # us/step)
             return jax.tree.map(lambda x: x[None], out)
-        return jax.lax.map(one, runs, batch_size=min(vmap_width, states.step.shape[0]))
+        if vmap_width == 1:
+            return jax.lax.map(one, runs)
+        if vmap_width >= n:
+            return jax.vmap(one)(runs)
+        return jax.lax.map(one, runs, batch_size=vmap_width)
 
     ix_spec = None if batch_ix is None else (P(RUNS) if per_run_ix else P())
     lr_spec = None if lr_scale is None else P(RUNS)
@@ -160,7 +173,7 @@ def train_many_chunk(states: TrainState, X: jax.Array, Y: jax.Array, batch_ix, l
 
 def train_many(states: TrainState, X, Y, model: nn.Module, config: TrainConfig, *,
                lr_scale=None, batch_ix=None, devices: Sequence[jax.Device] | None = None,
-               chunk: int | None = None, progress: bool = False,
+               chunk: int | None = None, vmap_width: int | None = None, progress: bool = False,
                log: Callable[[str], None] | None = None) -> ManyResult:
     """Train K stacked runs from their current step to `config.steps`, all at once.
 
@@ -170,9 +183,11 @@ def train_many(states: TrainState, X, Y, model: nn.Module, config: TrainConfig, 
     or (K, steps, B) per run, indexed by absolute step like `fit`'s. The run axis is split
     over `devices` (padded to a multiple of their number); run i equals the run `fit` makes
     from `unstack_state(states, i)` up to float rounding. A run whose loss stops being finite
-    does not stop the others: see `ManyResult.diverged`.
+    does not stop the others: see `ManyResult.diverged`. Runs that differ in injected
+    hyperparameters (`grid_states`) are runs that differ in their states.
+    vmap_width: runs each device trains at once (default per platform: `devices.vmap_width`).
     """
-    config.validate(batchnorm=getattr(model, "batchnorm", False))
+    config.validate(batchnorm=has_batch_stats(model))
     k = num_runs(states)
     if k < 1:
         raise ConfigError("train_many needs stacked states with a leading run axis; build them "
@@ -217,16 +232,17 @@ def train_many(states: TrainState, X, Y, model: nn.Module, config: TrainConfig, 
     t0 = time.perf_counter()
     compiled_before = _PROGRAMS.seconds
     platform = mesh.devices.flat[0].platform
+    width = vmap_width_for(platform, k_pad // n_dev, vmap_width)
     losses = []
     bar = progress_bar(config, start, progress)
     try:
         for s, n in chunks(start, config.steps, chunk):
             ix = chunk_ix(s, n)
-            key = program_key(model, config, n, mesh, per_run_ix,
+            key = program_key(model, config, n, mesh, per_run_ix, width,
                               arrays=(states, X, Y, ix, lr_scale))
             program = _PROGRAMS(key, lambda states=states, ix=ix, n=n: train_many_chunk.lower(
                 states, X, Y, ix, lr_scale, model=model, config=config, num_steps=n, mesh=mesh,
-                per_run_ix=per_run_ix), platform)
+                per_run_ix=per_run_ix, vmap_width=width), platform)
             states, chunk_losses = program(states, X, Y, ix, lr_scale)
             losses.append(to_host(chunk_losses)[:k])  # the one host sync per chunk
             if log is not None:
@@ -305,16 +321,41 @@ def _group_states(seeds: Sequence[int], models: Sequence[nn.Module], train_model
     return _concat(tuple(seed_states(seeds, m, config) for m in models))
 
 
+def grid_states(seeds: Sequence[int], model: nn.Module, config: TrainConfig,
+                **grid: Sequence[float]) -> tuple[TrainState, list[dict[str, Any]]]:
+    """Every combination of the hyperparameter values of `grid` with every seed, stacked.
+
+    grid: {name: values} of hyperparameters the optimizer injects (optax.inject_hyperparams,
+    or `optim.tunable(config)` for sgd/adam: `learning_rate`). K = len(seeds) x the product
+    of the value counts, the seeds varying fastest. Returns the states (K, ...) and each run's
+    {name: value, ..., "seed": s}; `train_many` trains them as one compiled program.
+    """
+    combos = list(itertools.product(*grid.values()))
+    rows = [{**dict(zip(grid, c, strict=True)), "seed": int(s)} for c in combos for s in seeds]
+    states = seed_states([r["seed"] for r in rows], model, config)
+    if grid:
+        states = set_hyperparams(states, **{n: np.asarray([r[n] for r in rows], np.float32)
+                                            for n in grid})
+    return states, rows
+
+
 def run_sweep(stages: Sequence[str], seeds: Sequence[int], data, *, steps: int | None = None,
               batch_size: int | None = None, chunk: int | None = None,
-              devices: Sequence[jax.Device] | None = None, progress: bool = False,
+              devices: Sequence[jax.Device] | None = None, lrs: Sequence[float] | None = None,
+              vmap_width: int | None = None, model_fields: dict | None = None,
+              progress: bool = False,
               log: Callable[[str], None] | None = print) -> dict[str, dict[str, Any]]:
     """Train every stage with every seed (vmapped, sharded) and collect the split losses.
 
     Stages that share a training program are trained together. Returns
     {stage: {"seeds", "train", "val", "test", "mean", "std", "ci95", "n", "steps",
-    "seconds", "pytorch", "diverged"}}, lists in seed order.
+    "seconds", "pytorch", "diverged"}}, lists in seed order. lrs: a learning-rate grid, each
+    the first rate of the stage's schedule (the later ones keep their ratios to it), trained as
+    data (`optim.tunable`): then one entry per (stage, lr), keyed "STAGE lr=LR", with its
+    "stage", "lr" and "hyperparams" too. model_fields: the deep network's variants (norm,
+    activation, gain, depth; recorded as "model" in each entry).
     """
+    from jaxmlp.optim import tunable
     from jaxmlp.stages import get_stage, make_model
 
     try:
@@ -325,7 +366,8 @@ def run_sweep(stages: Sequence[str], seeds: Sequence[int], data, *, steps: int |
         raise ConfigError("--seeds must be at least 1")
     if not stages:
         raise ConfigError("no stages given; pass e.g. --stages kaiming,batchnorm")
-    limits.check_runs(n_seeds, len(stages))  # before listing them: --seeds may be 2**64
+    # Before listing the seeds: --seeds may be 2**64.
+    limits.check_runs(n_seeds, len(stages) * len(lrs or [None]))
     seeds = [int(s) for s in seeds]
     for s in (min(seeds), max(seeds)):
         limits.check_seed(s, "a seed")
@@ -333,10 +375,15 @@ def run_sweep(stages: Sequence[str], seeds: Sequence[int], data, *, steps: int |
         get_stage(stage)
     if len(set(stages)) != len(stages):
         raise ConfigError(f"a stage is listed twice in {','.join(stages)}; list each once")
+    if lrs is not None:
+        if not lrs or len(set(lrs)) != len(lrs):
+            raise ConfigError("--lr needs distinct rates to sweep, e.g. --lr 0.05,0.1,0.2")
+        limits.check_learning_rates(lrs)
+    fields = dict(model_fields or {})
     groups: dict[tuple, list[tuple[str, nn.Module, TrainConfig]]] = {}
     defaults = TrainConfig()
     for stage in stages:
-        model = make_model(stage, data.vocab.size, block_size=data.block_size)
+        model = make_model(stage, data.vocab.size, block_size=data.block_size, **fields)
         config = TrainConfig(steps=steps or defaults.steps,
                              batch_size=batch_size or defaults.batch_size,
                              schedule=get_stage(stage).schedule)
@@ -344,19 +391,27 @@ def run_sweep(stages: Sequence[str], seeds: Sequence[int], data, *, steps: int |
         groups.setdefault((training_model(model), config), []).append((stage, model, config))
 
     results: dict[str, dict[str, Any]] = {}
+    rates = list(lrs) if lrs is not None else [None]
     for (train_model, config), members in groups.items():
         names = [m[0] for m in members]
-        k = len(seeds) * len(members)
+        if lrs is not None:
+            config = tunable(config)  # one per group: the group's runs share one program
+        k = len(seeds) * len(rates) * len(members)
         if log is not None:
-            log(f"{', '.join(names)}: {len(seeds)} seeds each, {k} runs in one program, "
+            grid = f" x {len(rates)} learning rates" if lrs is not None else ""
+            log(f"{', '.join(names)}: {len(seeds)} seeds{grid} each, {k} runs in one program, "
                 f"{config.steps:,} steps")
-        state_bytes = 4 * limits.count_params(train_model) * (
-            1 + (2 if config.optimizer == "adam" else 0))
+        state_bytes = 4 * limits.count_params(train_model) * (1 + optimizer_slots(
+            config, limits.param_shapes(train_model)))
         limits.check_memory({"loss history": 4 * k * config.steps,
                              "states": 3 * k * state_bytes}, fix="fewer seeds, stages or steps")
-        states = _group_states(seeds, [m[1] for m in members], train_model, config)
+        states = _group_states(seeds * len(rates), [m[1] for m in members], train_model, config)
+        if lrs is not None:  # member-major, then rate, then seed
+            states = set_hyperparams(states, learning_rate=np.tile(
+                np.repeat(np.asarray(rates, np.float32), len(seeds)), len(members)))
         result = train_many(states, *data.train, train_model, config, devices=devices,
-                            chunk=chunk or sweep_chunk(k), progress=progress)
+                            chunk=chunk or sweep_chunk(k), vmap_width=vmap_width,
+                            progress=progress)
         losses = split_losses_many(train_model, result.states, data, devices=devices)
         if log is not None:
             log(f"  {result.seconds:.1f} s ({result.compile_seconds:.1f} s compiling) on "
@@ -364,23 +419,13 @@ def run_sweep(stages: Sequence[str], seeds: Sequence[int], data, *, steps: int |
                 f"{(result.seconds - result.compile_seconds) / (k * config.steps) * 1e6:.1f} "
                 "us per model-step")
         for j, stage in enumerate(names):
-            rows = slice(j * len(seeds), (j + 1) * len(seeds))
-            entry: dict[str, Any] = {"seeds": seeds}
-            for split in ("train", "val", "test"):
-                entry[split] = [float(x) for x in losses[split][rows]]
-            stats = {split: summarize(entry[split]) for split in ("train", "val", "test")}
-            for key in ("mean", "std", "ci95"):
-                entry[key] = {split: stats[split][key] for split in stats}
-            entry["n"] = stats["val"]["n"]
-            entry["steps"] = config.steps
-            entry["loss_at_step0"] = [float(x) for x in result.losses[rows, 0]] \
-                if result.losses.shape[1] else []
-            entry["diverged"] = [s for s, d in zip(seeds, result.diverged[rows], strict=True) if d]
-            entry["seconds"] = result.seconds  # of the whole group of stages trained together
-            ref = get_stage(stage).reference
-            entry["pytorch"] = {"train": ref.train, "val": ref.val, "test": ref.test}
-            results[stage] = entry
-    return {stage: results[stage] for stage in stages}
+            for g, lr in enumerate(rates):
+                first = (j * len(rates) + g) * len(seeds)
+                entry = sweep_entry(stage, seeds, slice(first, first + len(seeds)), losses, result,
+                               config.steps, lr, fields)
+                results[stage if lr is None else f"{stage} lr={lr:g}"] = entry
+    order = [f"{s} lr={lr:g}" if lr is not None else s for s in stages for lr in rates]
+    return {key: results[key] for key in order}
 
 
 def sweep_chunk(k: int) -> int:

@@ -1,8 +1,8 @@
 """Training as pure functions over an explicit `TrainState`.
 
-    TrainConfig, Schedule            a run's hyperparameters, as plain (hashable) data
-    make_schedule / make_optimizer   optax's stepped learning rate and SGD (or Adam)
-    scale_updates                    a learning-rate multiplier carried as data (for sweeps)
+    TrainConfig                      a run's hyperparameters, as plain (hashable) data; its
+                                     optimizer: "sgd", "adam" or any optax transformation
+                                     (Schedule, make_optimizer, ...: jaxmlp.optim)
     create_train_state               key -> params, batch_stats, opt_state, step, key
     sample_batch / sample_batches    the minibatch indices of a step / of a chunk of steps
     compute_grads / apply_grads      the two halves of a step (diagnostics reuse them)
@@ -30,22 +30,26 @@ import optax
 from flax import linen as nn
 from flax import struct
 
-from jaxmlp import limits, program_cache
+from jaxmlp import limits, optim, program_cache
 from jaxmlp.errors import ConfigError, DivergenceError
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """Stepped learning rate: `learning_rates[i]` from step `boundaries[i-1]` on."""
-
-    learning_rates: tuple[float, ...] = (0.1, 0.01)
-    boundaries: tuple[int, ...] = (100_000,)
+from jaxmlp.optim import (  # noqa: F401 (part of this module's API)
+    Schedule,
+    make_optimizer,
+    make_schedule,
+    scale_updates,
+)
+from jaxmlp.protocol import has_batch_stats
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Hyperparameters of a run (hashable: it is a static argument of the compiled loop).
 
+    optimizer: "sgd" (the lecture's) or "adam" on `schedule`, or any optax
+    GradientTransformation, which carries its own schedule (`schedule` is then unused).
+    schedule: the stepped `Schedule`, a number (a constant rate) or any optax schedule.
+    A transformation or schedule is hashed by identity: build it once and reuse it, so that
+    the compiled loop is reused too.
     chunk: steps per compiled call. The host sees the state only between calls (to log,
     check for divergence and, in a run directory, checkpoint: `jaxmlp train
     --checkpoint-every`), so it trades one host round trip against how much work a crash loses.
@@ -53,9 +57,13 @@ class TrainConfig:
 
     steps: int = 200_000
     batch_size: int = 32
-    schedule: Schedule = field(default_factory=Schedule)
-    optimizer: str = "sgd"  # "sgd" (the lecture) or "adam"
+    schedule: Schedule | Callable | float = field(default_factory=Schedule)
+    optimizer: str | optax.GradientTransformation | optim.RecordedOptimizer = "sgd"
     chunk: int = 10_000
+
+    def __post_init__(self):
+        if isinstance(self.schedule, (int, float)) and not isinstance(self.schedule, bool):
+            object.__setattr__(self, "schedule", Schedule((float(self.schedule),), ()))
 
     def validate(self, batchnorm: bool = False) -> TrainConfig:
         if not isinstance(self.steps, int) or not 1 <= self.steps <= limits.MAX_STEPS:
@@ -69,23 +77,13 @@ class TrainConfig:
         if not isinstance(self.chunk, int) or self.chunk < 1:
             raise ConfigError(f"--checkpoint-every must be a positive number of steps (the steps "
                               f"per compiled call, `chunk`), got {self.chunk!r}")
-        lrs, bounds = self.schedule.learning_rates, self.schedule.boundaries
-        if len(lrs) != len(bounds) + 1:
-            raise ConfigError(f"a schedule needs one more learning rate than boundaries, got "
-                              f"{len(lrs)} rates and {len(bounds)} boundaries")
-        limits.check_learning_rates(lrs)
-        if list(bounds) != sorted(set(bounds)) or any(
-                not isinstance(b, int) or not 1 <= b <= limits.MAX_STEPS for b in bounds):
-            raise ConfigError(f"schedule boundaries must be positive and increasing steps (at "
-                              f"most {limits.MAX_STEPS:,}), got {list(bounds)}")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ConfigError(f"unknown optimizer {self.optimizer!r}; use sgd or adam")
+        optim.check_optimizer(self)
         return self
 
     def check_fits(self, model: nn.Module, n_train: int, n_examples: int | None = None,
                    stream: bool = False) -> TrainConfig:
         """`validate`, then refuse what the data or the device's memory cannot hold."""
-        self.validate(batchnorm=getattr(model, "batchnorm", False))
+        self.validate(batchnorm=has_batch_stats(model))
         if self.batch_size > n_train:
             raise ConfigError(f"batch size {self.batch_size:,} is larger than the training set "
                               f"({n_train:,} examples); use a smaller --batch-size")
@@ -95,8 +93,8 @@ class TrainConfig:
                               f"{limits.MAX_PARAMS:,}); use a smaller --n-hidden, --n-embd or "
                               "--block-size")
         limits.check_memory(limits.memory_needed(
-            model, batch_size=self.batch_size, chunk=self.chunk,
-            n_examples=n_examples or n_train, optimizer_slots=2 if self.optimizer == "adam" else 0,
+            model, batch_size=self.batch_size, chunk=self.chunk, n_examples=n_examples or n_train,
+            optimizer_slots=optim.optimizer_slots(self, limits.param_shapes(model)),
             stream_steps=self.steps if stream else 0))
         return self
 
@@ -114,36 +112,6 @@ class TrainState(struct.PyTreeNode):
     def variables(self) -> dict:
         """The Flax variables for `model.apply`: params and batch_stats."""
         return {"params": self.params, "batch_stats": self.batch_stats}
-
-
-def make_schedule(schedule: Schedule) -> optax.Schedule:
-    """The lecture's `lr = 0.1 if i < 100000 else 0.01`, as exact constants joined by optax."""
-    return optax.join_schedules(
-        [optax.constant_schedule(lr) for lr in schedule.learning_rates],
-        list(schedule.boundaries))
-
-
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    schedule = make_schedule(config.schedule)
-    if config.optimizer == "adam":
-        return optax.adam(schedule)
-    return optax.sgd(schedule)  # p += -lr * grad, as the lecture's update
-
-
-def scale_updates(tx: optax.GradientTransformation,
-                  factor: jax.Array) -> optax.GradientTransformation:
-    """`tx` with its updates multiplied by `factor`: a learning-rate multiplier as data.
-
-    For SGD and Adam alike that is the learning rate times `factor`. `factor` may be traced
-    (one value per run of a vmapped sweep); the optimizer state is `tx`'s own, so states made
-    by `create_train_state` fit.
-    """
-
-    def update(updates, state, params=None):
-        updates, state = tx.update(updates, state, params)
-        return jax.tree.map(lambda u: u * factor.astype(u.dtype), updates), state
-
-    return optax.GradientTransformation(tx.init, update)
 
 
 def create_train_state(key: jax.Array, model: nn.Module, config: TrainConfig) -> TrainState:
@@ -393,7 +361,7 @@ def fit(state: TrainState, X, Y, model: nn.Module, config: TrainConfig, *,
         (e.g. serialise) what you keep before returning. (`state` itself is copied first, so
         the caller's stays usable; `train_chunk` donates what it is given.)
     """
-    config.validate(batchnorm=getattr(model, "batchnorm", False))
+    config.validate(batchnorm=has_batch_stats(model))
     X, Y = jnp.asarray(X), jnp.asarray(Y)
     start = int(state.step)
     state = _copy(state)  # the chunks donate their input: the caller's state stays usable
@@ -472,11 +440,12 @@ def divergence_cause(model: nn.Module, config: TrainConfig, xb: np.ndarray | Non
     its gradient grows as they get close to each other (up to 1/sqrt(epsilon) for identical
     ones) and kicks the weights to ever larger values, whatever the learning rate.
     """
-    if getattr(model, "batchnorm", False):
+    if has_batch_stats(model):
         from jaxmlp.models import BN_PRESETS
 
         eps = getattr(model, "bn_epsilon", None)
-        eps = BN_PRESETS[model.bn_semantics].epsilon if eps is None else eps
+        preset = BN_PRESETS.get(getattr(model, "bn_semantics", None))
+        eps = (preset.epsilon if preset else None) if eps is None else eps
         if xb is not None and eps == 0 and (xb == xb[0]).all():
             return (f"all {len(xb)} examples of its minibatch are the same, so batch norm's "
                     "standard deviation is 0 and it divides by zero (the lecture's batch norm "
@@ -492,4 +461,6 @@ def divergence_cause(model: nn.Module, config: TrainConfig, xb: np.ndarray | Non
 
 def lower_lr_hint(config: TrainConfig) -> str:
     """The `--lr` flag with every rate of the schedule divided by 10."""
+    if optim.is_custom(config):
+        return "a tenth of your optimizer's rate"
     return "--lr " + ",".join(f"{lr / 10:g}" for lr in config.schedule.learning_rates)

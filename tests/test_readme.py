@@ -95,10 +95,11 @@ def test_every_docs_page_opens_with_what_it_answers():
         assert first.startswith("This page answers"), path.name
 
 
-@pytest.mark.parametrize("where", ["README Python", "docs/functional.md"])
+@pytest.mark.parametrize("where", ["README Python", "README Your optimizer, your module, your grid",
+                                   "docs/functional.md"])
 def test_python_examples_run(where, tmp_path, monkeypatch):
     """The Python blocks, run in order with their step counts cut to a few."""
-    text = section("Python") if where == "README Python" else DOCS[ROOT / where]
+    text = section(where[7:]) if where.startswith("README ") else DOCS[ROOT / where]
     code = "\n".join(re.findall(r"```python\n(.*?)```", text, re.S))
     assert code
     code = re.sub(r"\b(200|20)_000\b", "40", code)
@@ -106,3 +107,60 @@ def test_python_examples_run(where, tmp_path, monkeypatch):
     (tmp_path / "data" / "names.txt").symlink_to(ROOT / "data" / "names.txt")
     monkeypatch.chdir(tmp_path)
     exec(compile(code, where, "exec"), {})
+
+
+def _documented_parameters(text: str, start: int) -> list[str]:
+    """The parameter names of the `name(...)` at text[start] (the open parenthesis): the first
+    word of each top-level argument, shapes such as `X (N, T)` and defaults left out."""
+    depth, args, current = 0, [], ""
+    for ch in text[start + 1:]:
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            if depth == 0:
+                break
+            depth -= 1
+        if ch == "," and depth == 0:
+            args.append(current)
+            current = ""
+        elif ch != "`":
+            current += ch
+    args.append(current)
+    names = []
+    for arg in args:
+        m = re.match(r"\s*(\*{0,2})([A-Za-z_]\w*)", arg)
+        if m:
+            names.append(m.group(1) + m.group(2))
+    return names
+
+
+def test_docs_api_has_an_entry_for_every_public_name():
+    """docs/api.md names everything in jaxmlp.__all__, and every `name(...)` it writes has the
+    real parameters: each documented one exists, none required is left out."""
+    import inspect
+
+    import jaxmlp
+
+    api = DOCS[ROOT / "docs" / "api.md"]
+    for name in jaxmlp.__all__:
+        assert re.search(rf"`{name}\b", api), f"docs/api.md has no entry for {name}"
+        obj = getattr(jaxmlp, name)
+        if not callable(obj) or (isinstance(obj, type) and issubclass(obj, Exception)
+                                 and name != "DivergenceError"):
+            continue
+        calls = [m.end() - 1 for m in re.finditer(rf"`{name}\(", api)]
+        assert calls, f"docs/api.md gives no signature `{name}(...)`"
+        params = inspect.signature(obj).parameters
+        real = set(params)
+        var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        required = {p for p, v in params.items() if v.default is v.empty
+                    and v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)}
+        for at in calls:
+            documented = _documented_parameters(api, at)
+            for p in documented:
+                if p.startswith("**"):
+                    assert var_kw, f"{name} takes no **{p[2:]}"
+                else:
+                    assert p.lstrip("*") in real, f"docs/api.md: {name} has no parameter {p}"
+            missing = required - set(documented)
+            assert not missing, f"docs/api.md: {name}(...) leaves out {sorted(missing)}"
