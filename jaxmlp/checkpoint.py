@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -39,7 +38,7 @@ import numpy as np
 from flax import linen as nn
 from flax import serialization
 
-from jaxmlp import limits, optim, protocol
+from jaxmlp import optim, protocol
 from jaxmlp.data import END, Vocab
 from jaxmlp.errors import DivergenceError, JaxmlpError, RunError
 from jaxmlp.train import Schedule, TrainConfig, TrainState, all_finite, create_train_state
@@ -59,7 +58,7 @@ class RunSpec:
     own: jaxmlp.protocol) and fields. A preset optimizer is recorded by name and schedule; a
     custom one (an optax transformation, or an optax schedule) as "custom" with the structure
     of its state and its fingerprint, and read back as a `RecordedOptimizer`: give the
-    optimizer again to resume (`with_optimizer`).
+    optimizer again to resume (`optim.with_optimizer`).
     """
 
     stage: str
@@ -75,7 +74,7 @@ class RunSpec:
         train: dict[str, Any] = {"steps": t.steps, "batch_size": t.batch_size}
         if optim.is_custom(t):
             rec = t.optimizer if isinstance(t.optimizer, optim.RecordedOptimizer) else \
-                _fingerprint(t, self.model)
+                optim.recorded(t, self.model)
             train.update(optimizer="custom", optimizer_state=rec.state,
                          optimizer_sha256=rec.sha256)
         else:
@@ -118,38 +117,6 @@ class RunSpec:
             raise TypeError("malformed seed or data")
         return cls(stage=d["stage"], seed=d["seed"], model=model, train=train, vocab=vocab,
                    data=d["data"], torch_stream=bool(d.get("torch_stream", False)))
-
-
-@functools.lru_cache(maxsize=32)
-def _fingerprint(train: TrainConfig, model: nn.Module) -> optim.RecordedOptimizer:
-    # Cached: a run's spec is written with every checkpoint.
-    return optim.fingerprint(optim.make_optimizer(train), limits.param_shapes(model))
-
-
-def with_optimizer(spec: RunSpec, optimizer=None, run: str | Path = "the run") -> RunSpec:
-    """`spec` ready to train: a custom optimizer recorded in run.json replaced by `optimizer`,
-    once its state is checked to have the structure the run's had.
-
-    RunError when the run needs its optimizer and none is given, when the one given does not
-    match, or when one is given for a run whose run.json rebuilds its own.
-    """
-    recorded = spec.train.optimizer
-    if optimizer is None:
-        if isinstance(recorded, optim.RecordedOptimizer):
-            raise RunError(f"run {str(run)!r} was trained with a custom optimizer (state "
-                           f"{recorded.state}) that run.json cannot rebuild; resume it from "
-                           "Python with the same optimizer: jaxmlp.train_run("
-                           f"jaxmlp.plan_resumed_run({str(run)!r}, optimizer=tx))")
-        return spec
-    if not isinstance(recorded, optim.RecordedOptimizer):
-        raise RunError(f"run {str(run)!r} was trained with {recorded!r}, which run.json "
-                       "rebuilds itself; resume it without optimizer=")
-    given = optim.fingerprint(optimizer, limits.param_shapes(spec.model))
-    if given != recorded:
-        raise RunError(f"the optimizer given does not match the one run {str(run)!r} was "
-                       f"trained with (its state is {given.state}, the run's {recorded.state}, "
-                       "or their shapes differ); pass the run's own optimizer")
-    return dataclasses.replace(spec, train=dataclasses.replace(spec.train, optimizer=optimizer))
 
 
 def is_run_spec(path: str | Path) -> bool:
@@ -439,13 +406,13 @@ def load_spec(run: str | Path) -> RunSpec:
 def load_checkpoint(run: str | Path, optimizer=None) -> Checkpoint:
     """Read and verify a run directory's checkpoint; RunError naming the problem and the fix.
 
-    optimizer: a run's custom optimizer, given again (`with_optimizer`); without it such a
+    optimizer: a run's custom optimizer, given again (`optim.with_optimizer`); without it such a
     run's opt_state is the saved state dict, as read (enough to evaluate and sample).
     """
     run = Path(run)
     spec = load_spec(run)
     if optimizer is not None:
-        spec = with_optimizer(spec, optimizer, run)
+        spec = optim.with_optimizer(spec, optimizer, run)
     path = run / CKPT_FILE
     if not path.is_file():
         raise RunError(f"{str(path)!r} is missing (the run stopped before its first checkpoint "
@@ -464,27 +431,3 @@ def load_run(run: str | Path, optimizer=None) -> tuple[RunSpec, TrainState]:
 def is_finished(run: str | Path) -> bool:
     """A run is finished once its metrics.json exists (written after everything else)."""
     return (Path(run) / METRICS_FILE).is_file()
-
-
-@contextlib.contextmanager
-def run_lock(run: str | Path):
-    """Hold an exclusive advisory lock on a run directory while writing to it.
-
-    The OS drops the lock when the process ends however it ends (even SIGKILL), so a stale
-    lock never blocks a resume. A no-op where `fcntl` is missing (Windows).
-    """
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    fd = os.open(run, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunError(f"run directory {str(run)!r} is in use by another jaxmlp process; "
-                           "wait for it to finish or stop it first") from None
-        yield
-    finally:
-        os.close(fd)

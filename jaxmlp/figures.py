@@ -22,6 +22,7 @@ Importing this module imports matplotlib: the rest of jaxmlp imports it only to 
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import sys
@@ -80,12 +81,11 @@ def plot_loss(losses: np.ndarray, path: str | Path, title: str = "training loss"
 
 
 def serve_loss_plots() -> None:
-    """Answer loss-curve requests on stdin with PNG bytes on stdout, for `runs.LossPlotter`.
+    """Answer loss-curve requests on stdin with PNG bytes on stdout, for `LossPlotter`.
 
     Request: a line of JSON {"title", "bucket", "n"} then n bytes of `np.save` output; answer:
     a line with the PNG's length, then the PNG.
     """
-    import json
     import sys
 
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer

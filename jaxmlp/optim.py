@@ -21,6 +21,8 @@ sharded like seeds (`jaxmlp.sweep.grid_states`).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -267,3 +269,36 @@ def set_hyperparams(state, **values):
         return s._replace(hyperparams=hp)
 
     return state.replace(opt_state=jax.tree.map(replace, state.opt_state, is_leaf=_is_injected))
+
+
+@functools.lru_cache(maxsize=32)
+def recorded(train, model) -> RecordedOptimizer:
+    """What run.json records of `train`'s custom optimizer (cached: a run's spec is written
+    with every checkpoint)."""
+    return fingerprint(make_optimizer(train), limits.param_shapes(model))
+
+
+def with_optimizer(spec, optimizer=None, run="the run"):
+    """A run's `RunSpec` ready to train: a custom optimizer recorded in run.json replaced by
+    `optimizer`, once its state is checked to have the structure the run's had.
+
+    RunError when the run needs its optimizer and none is given, when the one given does not
+    match, or when one is given for a run whose run.json rebuilds its own.
+    """
+    recorded = spec.train.optimizer
+    if optimizer is None:
+        if isinstance(recorded, RecordedOptimizer):
+            raise RunError(f"run {str(run)!r} was trained with a custom optimizer (state "
+                           f"{recorded.state}) that run.json cannot rebuild; resume it from "
+                           "Python with the same optimizer: jaxmlp.train_run("
+                           f"jaxmlp.plan_resumed_run({str(run)!r}, optimizer=tx))")
+        return spec
+    if not isinstance(recorded, RecordedOptimizer):
+        raise RunError(f"run {str(run)!r} was trained with {recorded!r}, which run.json "
+                       "rebuilds itself; resume it without optimizer=")
+    given = fingerprint(optimizer, limits.param_shapes(spec.model))
+    if given != recorded:
+        raise RunError(f"the optimizer given does not match the one run {str(run)!r} was "
+                       f"trained with (its state is {given.state}, the run's {recorded.state}, "
+                       "or their shapes differ); pass the run's own optimizer")
+    return dataclasses.replace(spec, train=dataclasses.replace(spec.train, optimizer=optimizer))

@@ -1,4 +1,5 @@
-"""Compiled programs kept on disk, so that a repeated command neither traces nor compiles.
+"""Compiled programs: kept per process (`Compiled`), and on disk, so that a repeated command
+neither traces nor compiles.
 
 JAX's persistent compilation cache skips XLA's compilation, but a command still traces and
 lowers every program to find its cache key: for the lecture's models that is most of the
@@ -9,7 +10,7 @@ and devices, the JAX version and flags, and the source of the jaxmlp package its
 It only keeps programs whose static arguments are plain data that jaxmlp defines (its own
 models and configs, numbers and strings): a module or optimizer of the user's own is code this
 key cannot see change, so its programs are always traced. Off until `set_dir` (the `jaxmlp`
-commands turn it on beside JAX's cache: `cli.enable_compilation_cache`). A file that cannot be
+commands turn it on beside JAX's cache: `enable_compilation_cache`). A file that cannot be
 read back is ignored and written again.
 """
 
@@ -20,9 +21,13 @@ import functools
 import hashlib
 import os
 import pickle
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 _DIR: Path | None = None
 
@@ -127,3 +132,93 @@ def save(name: str | None, program) -> None:
     except Exception:  # a full disk or a program that cannot be serialised: not kept
         if tmp is not None:
             tmp.unlink(missing_ok=True)
+
+
+# XLA options for the training programs on a CPU: prefer LLVM's 512-bit vectors where the CPU
+# has them (AVX-512; docs/speed.md). Other backends get no options.
+CPU_COMPILER_OPTIONS = {"xla_cpu_prefer_vector_width": 512}
+
+
+def compiler_options(platform: str) -> dict:
+    """The options to compile the training loop with on `platform` ("cpu", "gpu", "tpu")."""
+    return _supported_cpu_options() if platform == "cpu" else {}
+
+
+@functools.cache
+def _supported_cpu_options() -> dict:
+    # An XLA that no longer knows an option refuses to compile: then train without it.
+    try:
+        x = jax.ShapeDtypeStruct((), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(
+            jax.local_devices(backend="cpu")[0]))
+        jax.jit(lambda x: x + 1).lower(x).compile(compiler_options=CPU_COMPILER_OPTIONS)
+    except Exception:  # any refusal means "not supported here"
+        return {}
+    return dict(CPU_COMPILER_OPTIONS)
+
+
+class Compiled:
+    """Programs compiled ahead of time, once per key (the `capacity` most recently used kept),
+    with the seconds spent compiling.
+
+    Ahead of time (not on first call, as `jax.jit` would) so that a run can report its
+    compile time apart from its run time; the key must say everything the program depends on
+    (`program_key`). Where the disk cache is on (`program_cache`), a program compiled by an
+    earlier process is read back instead of traced and compiled again.
+    """
+
+    def __init__(self, capacity: int = 32):
+        self.seconds = 0.0
+        self.capacity = capacity  # a notebook trying many shapes must not grow without bound
+        self._programs: dict[Any, Any] = {}
+
+    def __call__(self, key, lower: Callable[[], Any], platform: str | None = None):
+        if key in self._programs:
+            self._programs[key] = self._programs.pop(key)  # most recently used last
+        else:
+            t0 = time.perf_counter()
+            options = compiler_options(platform) if platform else {}
+            kept = digest(key, platform, options)
+            program = load(kept)
+            if program is None:
+                program = lower().compile(compiler_options=options or None)
+                save(kept, program)
+            self.seconds += time.perf_counter() - t0
+            while len(self._programs) >= self.capacity:
+                del self._programs[next(iter(self._programs))]
+            self._programs[key] = program
+        return self._programs[key]
+
+    def clear(self) -> None:
+        """Forget every program (a benchmark's compile time must not be a cache hit)."""
+        self._programs.clear()
+
+
+def program_key(*static, arrays=()) -> tuple:
+    """A `Compiled` key: the static arguments, and the type (shape, dtype) and placement
+    (sharding) of every array of `arrays` with their tree structure."""
+    return (*static, *((jax.typeof(x), getattr(x, "sharding", None))
+                       for x in jax.tree.leaves(arrays)), jax.tree.structure(arrays))
+
+
+def enable_compilation_cache() -> str | None:
+    """JAX's persistent compilation cache for the jaxmlp commands, so that a repeated command
+    compiles nothing it compiled before. It lives in $XDG_CACHE_HOME/jaxmlp/jax (default
+    ~/.cache/jaxmlp/jax); JAXMLP_CACHE_DIR moves it, JAXMLP_CACHE_DIR=off turns it off, and
+    JAX's own JAX_COMPILATION_CACHE_DIR, when set, wins. Its jaxmlp-programs/ folder keeps whole
+    compiled programs (this module: no tracing either). Returns the directory used."""
+    where = os.environ.get("JAXMLP_CACHE_DIR")
+    if (where or "").lower() in ("off", "0"):
+        return None
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # JAX's own setting: jaxmlp's beside it
+        where = os.environ["JAX_COMPILATION_CACHE_DIR"]
+        set_dir(os.path.join(where, "jaxmlp-programs"))
+        return where
+    if not where:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        where = os.path.join(base, "jaxmlp", "jax")
+    jax.config.update("jax_compilation_cache_dir", where)
+    set_dir(os.path.join(where, "jaxmlp-programs"))
+    # Every program, however small or quick to compile: a command compiles dozens of them.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return where

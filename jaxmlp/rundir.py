@@ -149,7 +149,7 @@ def replace_run(staging: Path, out: Path, expected: str) -> None:
                           f"replaces (it was changed or moved); the finished run is in "
                           f"{str(staging)!r}: move it where you want it")
     if out.exists():
-        with ckpt.run_lock(out):
+        with run_lock(out):
             if (not out.is_dir() or foreign_entries(out)
                     or fingerprint(out) != expected):
                 raise moved_away
@@ -161,3 +161,27 @@ def replace_run(staging: Path, out: Path, expected: str) -> None:
         os.rename(staging, out)
     if trash.exists() and fingerprint(trash) == expected:
         remove_run(trash)  # also after a crash between the two renames
+
+
+@contextlib.contextmanager
+def run_lock(run: str | Path):
+    """Hold an exclusive advisory lock on a run directory while writing to it.
+
+    The OS drops the lock when the process ends however it ends (even SIGKILL), so a stale
+    lock never blocks a resume. A no-op where `fcntl` is missing (Windows).
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(run, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunError(f"run directory {str(run)!r} is in use by another jaxmlp process; "
+                           "wait for it to finish or stop it first") from None
+        yield
+    finally:
+        os.close(fd)

@@ -25,22 +25,23 @@ import io
 import json
 import os
 import platform
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from jaxmlp import checkpoint as ckpt
-from jaxmlp import rundir
+from jaxmlp import optim, rundir
 from jaxmlp.data import DEFAULT_DATA, Dataset, load_dataset
 from jaxmlp.errors import ConfigError, DataError, DivergenceError, RunError
 from jaxmlp.limits import check_seed
 from jaxmlp.protocol import has_batch_stats
 from jaxmlp.train import TrainConfig, TrainState
+
+if TYPE_CHECKING:
+    from jaxmlp.loss_plotter import LossPlotter
 
 
 @dataclasses.dataclass
@@ -90,56 +91,6 @@ class Clock:
 
     def restart(self) -> None:
         self._t = time.perf_counter()
-
-
-class LossPlotter:
-    """Draws the loss curve in another Python process (numpy and matplotlib, no JAX), which
-    imports matplotlib while this one compiles and trains: on two or more cores the figure
-    costs the command almost nothing (docs/speed.md). If that process cannot be used, the
-    figure is drawn here."""
-
-    def __init__(self):
-        root = str(Path(__file__).resolve().parent.parent)  # the same jaxmlp in the child
-        code = (f"import sys; sys.path.insert(0, {root!r}); "
-                "from jaxmlp.figures import serve_loss_plots; serve_loss_plots()")
-        try:
-            self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        except OSError:
-            self.proc = None
-
-    def request(self, losses: np.ndarray, title: str, bucket: int = 1000) -> None:
-        """Start drawing (returns at once); `png()` collects the figure."""
-        self.args = (losses, title, bucket)
-        try:
-            blob = _npy_bytes(losses)
-            self.proc.stdin.write(json.dumps({"title": title, "bucket": bucket,
-                                              "n": len(blob)}).encode() + b"\n" + blob)
-            self.proc.stdin.flush()
-        except (AttributeError, OSError):
-            self.close()
-
-    def png(self) -> bytes:
-        if self.proc is not None:
-            try:
-                n = int(self.proc.stdout.readline())
-                png = self.proc.stdout.read(n)
-                if len(png) == n:
-                    return png
-            except (OSError, ValueError):
-                pass
-            self.close()
-        from jaxmlp.figures import loss_png
-
-        return loss_png(*self.args)
-
-    def close(self) -> None:
-        if self.proc is not None:
-            with contextlib.suppress(OSError):
-                self.proc.stdin.close()
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
 
 
 def default_out(stage: str, seed: int, torch_stream: bool = False) -> Path:
@@ -246,7 +197,7 @@ def plan_resumed_run(run: str | Path, *, data: str | Path | None = None,
     that needs it is resumed without it).
     """
     run = rundir.real_path(run)
-    spec = ckpt.with_optimizer(ckpt.load_spec(run), optimizer, run)
+    spec = optim.with_optimizer(ckpt.load_spec(run), optimizer, run)
     unstarted = not rundir.foreign_entries(run) and not any(
         (run / name).exists() for name in (ckpt.CKPT_FILE, ckpt.METRICS_FILE, ckpt.LOSSES_FILE))
     ck = None if unstarted else ckpt.load_checkpoint(run, optimizer)
@@ -312,7 +263,7 @@ def _claimed(plan: RunPlan):
     except OSError as e:
         raise RunError(f"cannot create run directory {str(workdir)!r} ({e.strerror}); "
                        "choose another --out") from None
-    with ckpt.run_lock(workdir):  # a directory in use is left alone, even one we created
+    with rundir.run_lock(workdir):  # a directory in use is left alone, even one we created
         try:
             _check_claim(plan, workdir)
             yield workdir
@@ -328,7 +279,7 @@ def _check_claim(plan: RunPlan, workdir: Path) -> None:
             raise RunError(f"the checkpoint in {str(workdir)!r} changed after it was read "
                            "(another process resumed it?); run the command again")
     elif plan.replaces:
-        with ckpt.run_lock(plan.replaces):
+        with rundir.run_lock(plan.replaces):
             if rundir.check_out_dir(plan.out, True) != ("run", plan.replaces_fingerprint):
                 raise RunError(f"--out {str(plan.out)!r} changed while the run was being "
                                "prepared; run the command again")
@@ -347,6 +298,7 @@ def train_run(plan: RunPlan, *, progress: bool = True,
     """
     import jax
 
+    from jaxmlp.loss_plotter import LossPlotter
     from jaxmlp.train import fit
 
     spec, data, prior = plan.spec, plan.data, plan.losses

@@ -48,15 +48,14 @@ from jaxmlp.devices import vmap_width as vmap_width_for
 from jaxmlp.errors import ConfigError
 from jaxmlp.evaluate import eval_loss
 from jaxmlp.optim import optimizer_slots, set_hyperparams
+from jaxmlp.program_cache import Compiled, program_key
 from jaxmlp.protocol import has_batch_stats
 from jaxmlp.report import summarize, sweep_entry, t975  # noqa: F401 (part of this module's API)
 from jaxmlp.train import (
-    Compiled,
     TrainConfig,
     TrainState,
     chunks,
     create_train_state,
-    program_key,
     progress_bar,
     run_steps,
 )

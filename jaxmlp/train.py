@@ -17,7 +17,6 @@ initial scales or learning rates: vmap it over a stacked `TrainState` (jaxmlp.sw
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ import optax
 from flax import linen as nn
 from flax import struct
 
-from jaxmlp import limits, optim, program_cache
+from jaxmlp import limits, optim
 from jaxmlp.errors import ConfigError, DivergenceError
 from jaxmlp.optim import (  # noqa: F401 (part of this module's API)
     Schedule,
@@ -38,6 +37,7 @@ from jaxmlp.optim import (  # noqa: F401 (part of this module's API)
     make_schedule,
     scale_updates,
 )
+from jaxmlp.program_cache import Compiled, compiler_options, program_key  # noqa: F401 (API)
 from jaxmlp.protocol import has_batch_stats
 
 
@@ -234,71 +234,6 @@ def run_steps(state: TrainState, X: jax.Array, Y: jax.Array, batch_ix: jax.Array
 
 train_chunk = jax.jit(run_steps, static_argnames=("model", "config", "num_steps"),
                       donate_argnames=("state",))
-
-# XLA options for the training programs on a CPU: prefer LLVM's 512-bit vectors where the CPU
-# has them (AVX-512; docs/speed.md). Other backends get no options.
-CPU_COMPILER_OPTIONS = {"xla_cpu_prefer_vector_width": 512}
-
-
-def compiler_options(platform: str) -> dict:
-    """The options to compile the training loop with on `platform` ("cpu", "gpu", "tpu")."""
-    return _supported_cpu_options() if platform == "cpu" else {}
-
-
-@functools.cache
-def _supported_cpu_options() -> dict:
-    # An XLA that no longer knows an option refuses to compile: then train without it.
-    try:
-        x = jax.ShapeDtypeStruct((), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(
-            jax.local_devices(backend="cpu")[0]))
-        jax.jit(lambda x: x + 1).lower(x).compile(compiler_options=CPU_COMPILER_OPTIONS)
-    except Exception:  # any refusal means "not supported here"
-        return {}
-    return dict(CPU_COMPILER_OPTIONS)
-
-
-class Compiled:
-    """Programs compiled ahead of time, once per key (the `capacity` most recently used kept),
-    with the seconds spent compiling.
-
-    Ahead of time (not on first call, as `jax.jit` would) so that a run can report its
-    compile time apart from its run time; the key must say everything the program depends on
-    (`program_key`). Where the disk cache is on (`program_cache`), a program compiled by an
-    earlier process is read back instead of traced and compiled again.
-    """
-
-    def __init__(self, capacity: int = 32):
-        self.seconds = 0.0
-        self.capacity = capacity  # a notebook trying many shapes must not grow without bound
-        self._programs: dict[Any, Any] = {}
-
-    def __call__(self, key, lower: Callable[[], Any], platform: str | None = None):
-        if key in self._programs:
-            self._programs[key] = self._programs.pop(key)  # most recently used last
-        else:
-            t0 = time.perf_counter()
-            options = compiler_options(platform) if platform else {}
-            kept = program_cache.digest(key, platform, options)
-            program = program_cache.load(kept)
-            if program is None:
-                program = lower().compile(compiler_options=options or None)
-                program_cache.save(kept, program)
-            self.seconds += time.perf_counter() - t0
-            while len(self._programs) >= self.capacity:
-                del self._programs[next(iter(self._programs))]
-            self._programs[key] = program
-        return self._programs[key]
-
-    def clear(self) -> None:
-        """Forget every program (a benchmark's compile time must not be a cache hit)."""
-        self._programs.clear()
-
-
-def program_key(*static, arrays=()) -> tuple:
-    """A `Compiled` key: the static arguments, and the type (shape, dtype) and placement
-    (sharding) of every array of `arrays` with their tree structure."""
-    return (*static, *((jax.typeof(x), getattr(x, "sharding", None))
-                       for x in jax.tree.leaves(arrays)), jax.tree.structure(arrays))
 
 
 # The training programs of `fit`, kept for the process like jit's own cache.

@@ -4,10 +4,17 @@ import tempfile
 import pytest
 
 # The jaxmlp commands keep a persistent compilation cache (~/.cache/jaxmlp): the tests keep
-# theirs apart, one per session.
+# theirs apart, one per session, shared by this process, the test workers (set before they
+# start, they inherit it) and every `jaxmlp` subprocess: a program compiled once in the
+# session is read back everywhere else.
 os.environ.setdefault("JAXMLP_CACHE_DIR", tempfile.mkdtemp(prefix="jaxmlp-test-cache-"))
+os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
 
-from jaxmlp.data import load_dataset
+from jaxmlp.program_cache import enable_compilation_cache
+
+enable_compilation_cache()
+
+from jaxmlp.data import load_dataset  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -44,8 +51,8 @@ def tiny_run_args():
 
 @pytest.fixture(scope="session")
 def cli_env(tmp_path_factory):
-    """Environment for `python -m jaxmlp` subprocesses: one persistent compilation cache, so
-    only the first subprocess pays for XLA compilation."""
+    """Environment for `python -m jaxmlp` subprocesses: this checkout's package, and the
+    session's compilation cache (JAXMLP_CACHE_DIR, above)."""
     import os
     from pathlib import Path
 
@@ -53,9 +60,6 @@ def cli_env(tmp_path_factory):
     env["PYTHONPATH"] = os.pathsep.join(
         [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")]).rstrip(
         os.pathsep)
-    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax-cache"))
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     return env
 
 

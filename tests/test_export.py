@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax import export
 
-from jaxmlp import devices, evaluate, sweep, train
+from jaxmlp import devices, evaluate, program_cache, sweep, train
 from jaxmlp.stages import make_model
 
 PLATFORMS = ("cpu", "cuda", "tpu")
@@ -73,9 +73,9 @@ def test_the_final_evaluation_exports_for_every_platform(setup):
           evaluate._eval_final(state.variables, arrays, **static))
 
 
-def test_cpu_only_settings_stay_on_the_cpu(monkeypatch):
-    assert train.compiler_options("cuda") == {} and train.compiler_options("tpu") == {}
-    assert train.compiler_options("gpu") == {}
-    # The CPU device split is a CPU flag: on an accelerator backend it changes nothing.
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert devices.cpu_devices_for(8, cores=2) in (1, 2)
+def test_cpu_only_settings_stay_on_the_cpu():
+    for platform in ("cuda", "gpu", "rocm", "tpu"):
+        assert program_cache.compiler_options(platform) == {}
+    # A GPU or TPU trains all of its runs in one vmap; a CPU a few at a time.
+    assert devices.vmap_width("gpu", 16, None) == 16 and devices.vmap_width("tpu", 16, None) == 16
+    assert devices.vmap_width("cpu", 16, None) < 16

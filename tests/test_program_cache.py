@@ -11,8 +11,9 @@ import optax
 import pytest
 
 from jaxmlp import program_cache
+from jaxmlp.program_cache import Compiled, program_key
 from jaxmlp.stages import make_model
-from jaxmlp.train import Compiled, TrainConfig, program_key
+from jaxmlp.train import TrainConfig
 
 
 @pytest.fixture
@@ -72,7 +73,7 @@ SCRIPT = """
 import sys, jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxmlp import program_cache
-from jaxmlp.train import Compiled, program_key
+from jaxmlp.program_cache import Compiled, program_key
 program_cache.set_dir(sys.argv[1])
 assert jax.device_count() == 2
 one = jnp.arange(4.0)  # on device 0 only

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from jaxmlp import checkpoint as ckpt
+from jaxmlp import rundir
 from jaxmlp.cli import main
 from jaxmlp.errors import DivergenceError, RunError
 from jaxmlp.evaluate import sample_names
@@ -275,7 +276,7 @@ def test_run_lock_refuses_a_second_writer(tiny_run, tmp_path, capsys):
     shutil.copytree(tiny_run, run)
     (run / ckpt.METRICS_FILE).unlink()  # unfinished: resumable
     before = tree_bytes(run)
-    with ckpt.run_lock(run):
+    with rundir.run_lock(run):
         assert main(["train", "--resume", str(run)]) == 2
     err = capsys.readouterr().err
     assert "in use by another jaxmlp process" in err and len(err.splitlines()) == 1

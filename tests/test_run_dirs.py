@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from jaxmlp import checkpoint as ckpt
-from jaxmlp import runs
+from jaxmlp import rundir, runs
 from jaxmlp.cli import main
 from jaxmlp.data import DEFAULT_DATA
 
@@ -145,7 +145,7 @@ def test_a_run_in_use_is_neither_written_nor_removed(tmp_path):
     held, release = threading.Event(), threading.Event()
 
     def hold():
-        with ckpt.run_lock(out):
+        with rundir.run_lock(out):
             held.set()
             release.wait(60)
 
