@@ -16,6 +16,7 @@ read back is ignored and written again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -110,8 +111,33 @@ def load(name: str | None):
         by_id = {d.id: d for d in jax.devices()}
         return serialize_executable.deserialize_and_load(  # on the devices it was compiled for
             serialized, in_tree, out_tree, execution_devices=[by_id[i] for i in device_ids])
-    except Exception:  # absent, truncated, from another build: compile it again
+    except FileNotFoundError:
         return None
+    except Exception:  # truncated, or not a program: removed, compiled again
+        with contextlib.suppress(OSError):
+            (_DIR / name).unlink()
+        return None
+
+
+# Executables JAX read back from its own persistent cache serialise without their code (loading
+# such a file fails when it runs: "Function ... not found"): only what XLA compiled is kept.
+_jax_cache_hits = 0
+
+
+def _count_jax_cache_hits(event: str, **_) -> None:
+    global _jax_cache_hits
+    if event == "/jax/compilation_cache/cache_hits":
+        _jax_cache_hits += 1
+
+
+jax.monitoring.register_event_listener(_count_jax_cache_hits)
+
+
+def compile_fresh(lower: Callable[[], Any], options: dict):
+    """(lower().compile(...), whether XLA compiled it rather than JAX's cache reading it)."""
+    before = _jax_cache_hits
+    program = lower().compile(compiler_options=options or None)
+    return program, _jax_cache_hits == before
 
 
 def save(name: str | None, program) -> None:
@@ -180,8 +206,9 @@ class Compiled:
             kept = digest(key, platform, options)
             program = load(kept)
             if program is None:
-                program = lower().compile(compiler_options=options or None)
-                save(kept, program)
+                program, compiled = compile_fresh(lower, options)
+                if compiled:
+                    save(kept, program)
             self.seconds += time.perf_counter() - t0
             while len(self._programs) >= self.capacity:
                 del self._programs[next(iter(self._programs))]

@@ -176,7 +176,7 @@ def train_many(states: TrainState, X, Y, model: nn.Module, config: TrainConfig, 
                log: Callable[[str], None] | None = None) -> ManyResult:
     """Train K stacked runs from their current step to `config.steps`, all at once.
 
-    states: stacked TrainState (K, ...) (`seed_states`, `stack_states`, or a vmapped
+    states: stacked TrainState (K, ...) (`seed_states`, `grid_states`, or a vmapped
     `create_train_state`). X (N, T), Y (N,): the training split. lr_scale: optional (K,)
     learning-rate multipliers. batch_ix: optional minibatch indices, (steps, B) for every run
     or (K, steps, B) per run, indexed by absolute step like `fit`'s. The run axis is split
