@@ -9,11 +9,9 @@
 # figures come from `jaxmlp.stages` (provenance: [docs/reference.md](../docs/reference.md)).
 #
 # **Running it.** At full fidelity (the lecture's 200,000 steps for every run, 8 seeds per
-# stage) executing the whole notebook took 8 min 38 s (and 9 min 5 s in a second run) on a
-# 2-core x86_64 CPU (AMD EPYC VM, JAX 0.10.2), measured while other jobs shared the two cores:
-# the 40 training runs took 401 s of it, where `jaxmlp sweep --seeds 8` trains the same runs in
-# 132 s on an idle machine, so expect about 4 minutes there. The last cell prints this run's own
-# time. `JAXMLP_LECTURE_QUICK=1` cuts every run to a few hundred steps (about a minute, mostly
+# stage) executing the whole notebook takes a few minutes on a 2-core CPU, most of it the 40
+# training runs; the last cell prints how long this execution took and on what machine.
+# `JAXMLP_LECTURE_QUICK=1` cuts every run to a few hundred steps (about a minute, mostly
 # compilation; the tests execute the notebook that way), and its numbers are then not the
 # lecture's. The notebook is made from the `# %%` script
 # `experiments/lecture.py` (also runnable as `python experiments/lecture.py`); to re-execute it
@@ -568,5 +566,8 @@ show(fig, "learning-rates.png")
 # ([docs/functional.md](../docs/functional.md)).
 
 # %%
+from jaxmlp.bench import cpu_name  # noqa: E402
+
 print(f"this notebook: {time.perf_counter() - T0:.0f} s of computation "
-      f"({'quick mode, ' if QUICK else ''}{STEPS:,} steps per run)")
+      f"({'quick mode, ' if QUICK else ''}{STEPS:,} steps per run) on {os.cpu_count()} cores "
+      f"of {cpu_name()}, jax {jax.__version__}, {time.strftime('%Y-%m-%d')}")

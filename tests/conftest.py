@@ -8,6 +8,11 @@ import pytest
 # start, they inherit it) and every `jaxmlp` subprocess: a program compiled once in the
 # session is read back everywhere else.
 os.environ.setdefault("JAXMLP_CACHE_DIR", tempfile.mkdtemp(prefix="jaxmlp-test-cache-"))
+# The tests run a few steps of many small programs: compiling them is most of the suite's time,
+# and LLVM's optimisation passes most of compiling. Without them numbers move in the last bits
+# only; every comparison in the suite is between runs under the same flags, or to a tolerance.
+os.environ["XLA_FLAGS"] = " ".join(
+    f for f in (os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0") if f)
 os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
 
 from jaxmlp.program_cache import enable_compilation_cache
