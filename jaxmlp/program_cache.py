@@ -10,8 +10,9 @@ and devices, the JAX version and flags, and the source of the jaxmlp package its
 It only keeps programs whose static arguments are plain data that jaxmlp defines (its own
 models and configs, numbers and strings): a module or optimizer of the user's own is code this
 key cannot see change, so its programs are always traced. Off until `set_dir` (the `jaxmlp`
-commands turn it on beside JAX's cache: `enable_compilation_cache`). A file that cannot be
-read back is ignored and written again.
+commands turn it on beside JAX's cache: `enable_compilation_cache`). Only what XLA compiled is
+kept (not what JAX read from its own cache), and a file that cannot be read back is removed and
+the program compiled again.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def _plain(x) -> str:
     if isinstance(x, (tuple, list)):
         return "(" + ",".join(map(_plain, x)) + ")"
     if isinstance(x, dict):
-        return "{" + ",".join(f"{_plain(k)}:{_plain(v)}" for k, v in sorted(x.items())) + "}"
+        return "{" + ",".join(sorted(f"{_plain(k)}:{_plain(v)}" for k, v in x.items())) + "}"
     if isinstance(x, jax.sharding.Mesh):
         return f"Mesh({x.axis_names},{[d.id for d in x.devices.flat]})"
     if isinstance(x, jax.tree_util.PyTreeDef) or type(x).__module__.split(".")[0] in (
