@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -7,7 +9,9 @@ import pytest
 # theirs apart, one per session, shared by this process, the test workers (set before they
 # start, they inherit it) and every `jaxmlp` subprocess: a program compiled once in the
 # session is read back everywhere else.
-os.environ.setdefault("JAXMLP_CACHE_DIR", tempfile.mkdtemp(prefix="jaxmlp-test-cache-"))
+if "JAXMLP_CACHE_DIR" not in os.environ:  # the first process of the session: it cleans up
+    os.environ["JAXMLP_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxmlp-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAXMLP_CACHE_DIR"], ignore_errors=True)
 # The tests run a few steps of many small programs: compiling them is most of the suite's time,
 # and LLVM's optimisation passes most of compiling. Without them numbers move in the last bits
 # only; every comparison in the suite is between runs under the same flags, or to a tolerance.
