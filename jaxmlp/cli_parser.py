@@ -80,7 +80,8 @@ def _variant_flags(p) -> None:
     p.add_argument("--depth", type=int, help="deep stages: hidden blocks (default 5)")
 
 
-def build_parser(commands: dict[str, Callable] | None = None) -> Parser:
+def build_parser(commands: dict[str, Callable]) -> Parser:
+    """The `jaxmlp` parser; `commands` maps each subcommand's name to the function it runs."""
     from jaxmlp.data import DEFAULT_DATA
     from jaxmlp.train import TrainConfig
 
