@@ -85,8 +85,15 @@ def test_every_relative_link_resolves():
 
 
 def test_no_page_cites_a_file_outside_the_repository():
+    """No path climbs out of the repository, and every top-level document a page names (an
+    upper-case `NAME.md`) is one the repository holds."""
+    own = {p.name for p in ROOT.glob("*.md")}
     for path, text in [(ROOT / "README.md", README), *DOCS.items()]:
-        assert "REFERENCE.md" not in text and "../shared" not in text, path.name
+        for climb in re.findall(r"(?:\.\./)+[\w./-]*", text):
+            where = (path.parent / climb).resolve()
+            assert where.is_relative_to(ROOT) and where.exists(), (path.name, climb)
+        for name in re.findall(r"\b[A-Z][A-Z_]+\.md\b", text):
+            assert name in own, (path.name, name)
 
 
 def test_every_docs_page_opens_with_what_it_answers():
