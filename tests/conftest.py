@@ -83,3 +83,22 @@ def tiny_run(tmp_path_factory, cli_env):
     subprocess.run([sys.executable, "-m", "jaxmlp", "train", *TINY_RUN_ARGS, "--out", str(out)],
                    env=cli_env, check=True, capture_output=True, timeout=600)
     return out
+
+
+@pytest.fixture(scope="session")
+def sigkill_at_marker():
+    """`kill(child, marker)`: wait until the subprocess `child` creates `marker` (it fails
+    the test if the child dies first or takes over 5 minutes), then SIGKILL it."""
+    import signal
+    import time
+
+    def kill(child, marker, never: str = "the training subprocess never got there"):
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert child.poll() is None, child.stderr.read().decode()
+            assert time.monotonic() < deadline, never
+            time.sleep(0.02)
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=60) == -signal.SIGKILL
+
+    return kill

@@ -3,10 +3,8 @@ as data: one compiled program for a learning-rate (or weight-decay) grid, run by
 the same runs trained alone."""
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -90,8 +88,8 @@ jm.train_run(jm.plan_new_run("kaiming", n_hidden=24, config=config, out=out), pr
 """
 
 
-def test_a_custom_optimizer_run_killed_and_resumed_equals_an_uninterrupted_one(tmp_path,
-                                                                                cli_env, capsys):
+def test_a_custom_optimizer_run_killed_and_resumed_equals_an_uninterrupted_one(
+        tmp_path, cli_env, capsys, sigkill_at_marker):
     whole, out, marker = tmp_path / "whole", tmp_path / "run", tmp_path / "marker"
     child = subprocess.Popen([sys.executable, "-c", KILLED, str(out), str(marker), "3",
                               str(Path(__file__).parent)], env=cli_env,
@@ -100,13 +98,7 @@ def test_a_custom_optimizer_run_killed_and_resumed_equals_an_uninterrupted_one(t
         config = jm.TrainConfig(steps=STEPS, chunk=CHUNK, optimizer=make_tx())
         jm.train_run(jm.plan_new_run("kaiming", n_hidden=24, config=config, out=whole),
                      progress=False, log=None)
-        deadline = time.monotonic() + 300
-        while not marker.exists():
-            assert child.poll() is None, child.stderr.read().decode()
-            assert time.monotonic() < deadline, "the training subprocess never got there"
-            time.sleep(0.02)
-        child.send_signal(signal.SIGKILL)
-        assert child.wait(timeout=60) == -signal.SIGKILL
+        sigkill_at_marker(child, marker)
     finally:
         if child.poll() is None:
             child.kill()

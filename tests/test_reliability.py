@@ -3,10 +3,8 @@
 import errno
 import json
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -79,20 +77,14 @@ def assert_same_results(a: Path, b: Path, capsys):
 
 
 def test_sigkill_mid_write_then_resume_equals_uninterrupted(tiny_run, tiny_run_args, cli_env,
-                                                             tmp_path, capsys):
+                                                             tmp_path, capsys, sigkill_at_marker):
     out, marker = tmp_path / "run", tmp_path / "marker"
     # Checkpoint writes: step 0, 1000, then die halfway through writing step 2000's.
     child = subprocess.Popen(
         [sys.executable, "-c", KILLED_MID_WRITE, str(marker), "3", "train", *tiny_run_args,
          "--out", str(out)], env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 300
-        while not marker.exists():
-            assert child.poll() is None, child.stderr.read().decode()
-            assert time.monotonic() < deadline, "the training subprocess never got to step 2000"
-            time.sleep(0.02)
-        child.send_signal(signal.SIGKILL)
-        assert child.wait(timeout=60) == -signal.SIGKILL
+        sigkill_at_marker(child, marker, "the training subprocess never got to step 2000")
     finally:
         if child.poll() is None:
             child.kill()
