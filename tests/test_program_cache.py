@@ -125,3 +125,38 @@ def test_an_executable_read_from_jaxs_own_cache_is_not_kept(tmp_path, cli_env):
     run(str(ours))  # read from JAX's cache: not kept by ours
     assert not ours.exists() or not [p for p in ours.iterdir() if not p.name.startswith(".")]
     run(str(ours))  # and the program still runs
+
+
+READ_BACK = """
+import sys, jax, jax.numpy as jnp
+from jaxmlp import program_cache
+program_cache.enable_compilation_cache()
+f = jax.jit(lambda v: jnp.isfinite(v).all() & (v.sum() > 1))
+x = jnp.arange(4.0)
+if sys.argv[1] == "jit-first":
+    assert bool(f(x))  # plain jit: JAX compiles, or reads its own persistent cache
+program = program_cache.Compiled()(program_cache.program_key("read-back", arrays=x),
+                                   lambda: f.lower(x))
+assert bool(program(x))
+"""
+
+
+def test_a_program_jax_read_from_its_own_cache_is_never_kept(tmp_path, cli_env):
+    """JAX hands a second compile of a program the executable it already holds. Where that one
+    came from JAX's persistent cache it has no code to serialise: kept, it would fail in the
+    next process ("Function ... not found"), as it once did after a jaxmlp update."""
+    env = dict(cli_env, JAXMLP_CACHE_DIR=str(tmp_path))
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    programs = tmp_path / "jaxmlp-programs"
+
+    def run(mode):
+        r = subprocess.run([sys.executable, "-c", READ_BACK, mode], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+
+    run("jit-first")  # JAX compiles f and writes its cache
+    for p in programs.glob("*"):  # jaxmlp's own programs gone (as after an update): JAX's stay
+        p.unlink()
+    run("jit-first")  # f read from JAX's cache, then compiled again through `Compiled`
+    run("compiled-only")  # whatever was kept must run
+    run("compiled-only")
