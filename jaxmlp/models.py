@@ -29,6 +29,63 @@ from jaxmlp.init import calculate_gain, kaiming_normal, normal
 PRECISION = jax.lax.Precision.HIGHEST
 
 
+def _transposed(x: jax.Array) -> jax.Array:
+    """x.T as an array of its own: XLA would fold a bare transpose into the product that
+    reads it, which is what `matmul` avoids."""
+    return jax.lax.optimization_barrier(x.T)
+
+
+def _tangent(x, w, dx, dw, precision):
+    return jnp.dot(dx, w, precision=precision) + jnp.dot(x, dw, precision=precision)
+
+
+def _cpu_tangent(x, w, dx, dw, precision):
+    """`_tangent` written so that its transpose, the backward pass, hands XLA's CPU matmul
+    library (YNNPACK) a weight gradient it takes. Differentiated as written, d(loss)/dw is
+    x.T @ ct, a product whose left operand is read transposed: XLA computes it with a generic
+    kernel at about half the speed. Here it is x.T stored @ ct, or for a narrow layer (fewer
+    outputs than inputs: the vocabulary layer) (ct.T stored @ x).T, which keeps the wider
+    dimension last. The same sums in the same order (docs/speed.md)."""
+    n_in, n_out = w.shape
+    if n_out < n_in:
+        d_w = jax.lax.optimization_barrier(jnp.dot(_transposed(dw), x.T, precision=precision)).T
+    else:
+        d_w = jnp.dot(_transposed(x).T, dw, precision=precision)
+    return jnp.dot(dx, w, precision=precision) + d_w
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def matmul(x: jax.Array, w: jax.Array, precision=PRECISION) -> jax.Array:
+    """x (B, I) @ w (I, O): the product of every Dense layer. Its value is the plain
+    product's; its derivative is too, arranged on CPU for XLA's matmul kernels (a tenth of a
+    training step; `_cpu_tangent`), plain elsewhere."""
+    return jnp.dot(x, w, precision=precision)
+
+
+@matmul.defjvp
+def _matmul_jvp(precision, primals, tangents):
+    x, w = primals
+    tangent = jax.lax.platform_dependent(
+        *primals, *tangents, cpu=functools.partial(_cpu_tangent, precision=precision),
+        default=functools.partial(_tangent, precision=precision))
+    return matmul(x, w, precision), tangent
+
+
+def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """`nn.Dense`'s `dot_general`: (..., I) @ (I, O) through `matmul`."""
+    (lhs_contract, rhs_contract), batch = dimension_numbers
+    if (tuple(lhs_contract), tuple(rhs_contract)) != ((lhs.ndim - 1,), (0,)) or any(batch) \
+            or rhs.ndim != 2 or preferred_element_type is not None:
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision,
+                                   preferred_element_type=preferred_element_type)
+    y = matmul(lhs.reshape(-1, lhs.shape[-1]), rhs, precision)
+    return y.reshape(*lhs.shape[:-1], rhs.shape[1])
+
+
+# Every Dense layer of the models: full float32, `matmul`'s derivative.
+Dense = functools.partial(nn.Dense, precision=PRECISION, dot_general=dense_dot_general)
+
+
 @dataclass(frozen=True)
 class BNSemantics:
     """How a batch norm normalises and tracks its running statistic.
@@ -196,7 +253,7 @@ class MLP(nn.Module):
         emb = nn.Embed(self.vocab_size, self.n_embd, embedding_init=normal(scales["c_scale"]),
                        name="embed")(idx)  # (B, T, n_embd)
         embcat = emb.reshape(B, -1)  # (B, T*n_embd)
-        hpreact = nn.Dense(self.n_hidden, use_bias=not self.batchnorm, precision=PRECISION,
+        hpreact = Dense(self.n_hidden, use_bias=not self.batchnorm,
                            kernel_init=normal(scales["w1_scale"]),
                            bias_init=normal(scales["b1_scale"]), name="hidden")(embcat)
         if self.batchnorm:  # the mean subtraction cancels b1, hence use_bias above
@@ -205,7 +262,7 @@ class MLP(nn.Module):
         h = jnp.tanh(hpreact)  # (B, n_hidden)
         self.sow("intermediates", "h", h)
         h = probe_point(self, "h", h)
-        return nn.Dense(self.vocab_size, precision=PRECISION,
+        return Dense(self.vocab_size,
                         kernel_init=normal(scales["w2_scale"]),
                         bias_init=normal(scales["b2_scale"]), name="out")(h)  # (B, vocab)
 
@@ -310,7 +367,7 @@ class DeepMLP(nn.Module):
         act = jnp.tanh if self.activation == "tanh" else jax.nn.relu
 
         def linear(x, features, weight_gain):
-            return nn.Dense(features, use_bias=bias, precision=PRECISION,
+            return Dense(features, use_bias=bias,
                             kernel_init=kaiming_normal(gain=weight_gain),
                             bias_init=nn.initializers.zeros, name=next(names))(x)
 
