@@ -40,6 +40,17 @@ def set_dir(path: str | Path | None) -> None:
     _DIR = None if path is None else Path(path)
 
 
+@contextlib.contextmanager
+def off():
+    """Within: no program kept or read back (a benchmark times compilation, not a read)."""
+    global _DIR
+    previous, _DIR = _DIR, None
+    try:
+        yield
+    finally:
+        _DIR = previous
+
+
 class NotPlain(Exception):
     """A static argument this cache cannot key on (the user's own code)."""
 

@@ -41,11 +41,16 @@ def check_keys(r: dict, torch: bool):
         assert all(v is None for v in r["ratios"].values())
 
 
-def test_bench_cli_writes_every_key(tmp_path, capsys):
+def test_bench_cli_writes_every_key(tmp_path, capsys, monkeypatch):
     pytest.importorskip("torch")
+    from jaxmlp import program_cache
+
+    looked_up = []  # its compile times are compilations: no program read back from disk
+    monkeypatch.setattr(program_cache, "load", lambda name: looked_up.append(name))
     out = tmp_path / "bench"
     assert main(["bench", "--steps", "30", "--torch-steps", "5", "--repeats", "1",
                  "--out", str(out)]) == 0
+    assert looked_up and set(looked_up) == {None}
     check_keys(json.loads((out / "bench.json").read_text()), torch=True)
     printed = capsys.readouterr().out
     assert "PyTorch lecture loop, 1 thread" in printed and "jaxmlp sweep K=32" in printed
