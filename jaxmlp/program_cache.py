@@ -23,6 +23,7 @@ import functools
 import hashlib
 import os
 import pickle
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -137,14 +138,14 @@ def load(name: str | None):
 # served from JAX's memory, and is as fresh as the executable was the first time it was seen.
 _REQUEST = "/jax/compilation_cache/compile_requests_use_cache"
 _HIT = "/jax/compilation_cache/cache_hits"
-_events = {_REQUEST: 0, _HIT: 0}
+_events = threading.local()  # per thread: JAX reports an event in the thread that compiles
 _seen: dict[int, tuple[Any, bool]] = {}  # id -> (executable, whether XLA compiled it)
 _SEEN_CAPACITY = 256
 
 
 def _count_cache_events(event: str, **_) -> None:
-    if event in _events:
-        _events[event] += 1
+    if event in (_REQUEST, _HIT):
+        setattr(_events, event, getattr(_events, event, 0) + 1)
 
 
 jax.monitoring.register_event_listener(_count_cache_events)
@@ -153,11 +154,15 @@ jax.monitoring.register_event_listener(_count_cache_events)
 def compile_fresh(lower: Callable[[], Any], options: dict):
     """(lower().compile(...), whether XLA compiled it in this process rather than JAX reading
     it from its persistent cache; unknown counts as read)."""
-    requests, hits = _events[_REQUEST], _events[_HIT]
+    def counts():
+        return getattr(_events, _REQUEST, 0), getattr(_events, _HIT, 0)
+
+    requests, hits = counts()
     program = lower().compile(compiler_options=options or None)
     executable = program.runtime_executable()
-    if _events[_REQUEST] > requests:  # a compile that consulted JAX's cache
-        fresh = _events[_HIT] == hits
+    requests_now, hits_now = counts()
+    if requests_now > requests:  # a compile that consulted JAX's cache
+        fresh = hits_now == hits
     elif id(executable) in _seen:  # from JAX's memory, compiled or read when first seen here
         fresh = _seen[id(executable)][1]
     else:  # from JAX's memory, of unknown origin unless there is no cache to read it from

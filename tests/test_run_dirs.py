@@ -247,7 +247,7 @@ def test_a_name_too_long_is_one_line(name, tmp_path, capsys):
 
 
 def test_a_closed_pipe_ends_quietly(finished, cli_env):
-    r = subprocess.run(f'"{sys.executable}" -m jaxmlp sample --run "{finished}" -n 100000 | true',
+    r = subprocess.run(f'"{sys.executable}" -m jaxmlp sample --run "{finished}" -n 20000 | true',
                        shell=True, executable="/bin/bash", env=cli_env, capture_output=True,
                        text=True, timeout=300)
     assert r.stderr == ""
