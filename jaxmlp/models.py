@@ -45,7 +45,8 @@ def _cpu_tangent(x, w, dx, dw, precision):
     x.T @ ct, a product whose left operand is read transposed: XLA computes it with a generic
     kernel at about half the speed. Here it is x.T stored @ ct, or for a narrow layer (fewer
     outputs than inputs: the vocabulary layer) (ct.T stored @ x).T, which keeps the wider
-    dimension last. The same sums in the same order (docs/speed.md)."""
+    dimension last. Equal to float32 rounding; for the lecture's layers, bit for bit
+    (docs/speed.md)."""
     n_in, n_out = w.shape
     if n_out < n_in:
         d_w = jax.lax.optimization_barrier(jnp.dot(_transposed(dw), x.T, precision=precision)).T
@@ -254,17 +255,16 @@ class MLP(nn.Module):
                        name="embed")(idx)  # (B, T, n_embd)
         embcat = emb.reshape(B, -1)  # (B, T*n_embd)
         hpreact = Dense(self.n_hidden, use_bias=not self.batchnorm,
-                           kernel_init=normal(scales["w1_scale"]),
-                           bias_init=normal(scales["b1_scale"]), name="hidden")(embcat)
+                        kernel_init=normal(scales["w1_scale"]),
+                        bias_init=normal(scales["b1_scale"]), name="hidden")(embcat)
         if self.batchnorm:  # the mean subtraction cancels b1, hence use_bias above
             hpreact = BatchNorm1d(self.bn_semantics, momentum=self.bn_momentum,
                                   epsilon=self.bn_epsilon, name="bn")(hpreact, train)
         h = jnp.tanh(hpreact)  # (B, n_hidden)
         self.sow("intermediates", "h", h)
         h = probe_point(self, "h", h)
-        return Dense(self.vocab_size,
-                        kernel_init=normal(scales["w2_scale"]),
-                        bias_init=normal(scales["b2_scale"]), name="out")(h)  # (B, vocab)
+        return Dense(self.vocab_size, kernel_init=normal(scales["w2_scale"]),
+                     bias_init=normal(scales["b2_scale"]), name="out")(h)  # (B, vocab)
 
 
 def probe_point(module: nn.Module, name: str, x: jax.Array) -> jax.Array:
@@ -367,9 +367,8 @@ class DeepMLP(nn.Module):
         act = jnp.tanh if self.activation == "tanh" else jax.nn.relu
 
         def linear(x, features, weight_gain):
-            return Dense(features, use_bias=bias,
-                            kernel_init=kaiming_normal(gain=weight_gain),
-                            bias_init=nn.initializers.zeros, name=next(names))(x)
+            return Dense(features, use_bias=bias, kernel_init=kaiming_normal(gain=weight_gain),
+                         bias_init=nn.initializers.zeros, name=next(names))(x)
 
         B = idx.shape[0]
         x = nn.Embed(self.vocab_size, self.n_embd, embedding_init=normal(self.c_scale),
