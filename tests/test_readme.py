@@ -1,6 +1,7 @@
 """The README and docs/ are what a user reads first: their commands, options, code and links must
 work as written."""
 
+import functools
 import re
 import shlex
 from pathlib import Path
@@ -110,6 +111,11 @@ def test_python_examples_run(where, tmp_path, monkeypatch):
     code = "\n".join(re.findall(r"```python\n(.*?)```", text, re.S))
     assert code
     code = re.sub(r"\b(200|20)_000\b", "40", code)
+    # A run planned without a config trains the lecture's 200,000 steps: 40 here too.
+    from jaxmlp import runs
+    from jaxmlp.train import TrainConfig
+
+    monkeypatch.setattr(runs, "TrainConfig", functools.partial(TrainConfig, steps=40))
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "names.txt").symlink_to(ROOT / "data" / "names.txt")
     monkeypatch.chdir(tmp_path)
