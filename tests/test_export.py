@@ -79,3 +79,20 @@ def test_cpu_only_settings_stay_on_the_cpu():
     # A GPU or TPU trains all of its runs in one vmap; a CPU a few at a time.
     assert devices.vmap_width("gpu", 16, None) == 16 and devices.vmap_width("tpu", 16, None) == 16
     assert devices.vmap_width("cpu", 16, None) < 16
+
+
+def test_the_cpu_arrangement_of_the_products_stays_on_the_cpu(setup):
+    """`models.matmul` arranges the weight gradients for XLA's CPU matmul library with
+    optimization barriers (stored transposes); lowered for a GPU or TPU, the training step is
+    the plain product's derivative."""
+    model, config, X, Y, ix = setup
+    state = train.create_train_state(jax.random.key(0), model, config)
+    static = dict(model=model, config=config, num_steps=5)
+
+    def module(platform):
+        return export.export(train.train_chunk, platforms=(platform,))(
+            state, X, Y, ix, **static).mlir_module()
+
+    assert "optimization_barrier" in module("cpu")
+    for platform in ("cuda", "tpu"):
+        assert "optimization_barrier" not in module(platform)
